@@ -1,0 +1,189 @@
+"""Scoring and evaluation on real data: Surprise reproduces its published ML-100K figure, the
+PyTorch and Ollama paths share one distribution, prefix reuse equals full scoring on SmolLM2, and
+`evaluate` writes a comparable table for baselines and language models on the same ratings."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from movierec.core import MovierecError
+from movierec.evaluate import add_to_metrics, evaluate, fit_baselines, metrics_table, rating_metrics
+from movierec.score import (distribution_from_top_logprobs, generate_and_parse, parse_rating, rating_distribution,
+                            score_candidates, score_prompts)
+
+P = ["p1", "p2", "p3", "p4", "p5"]
+
+
+@pytest.fixture(scope="module")
+def ml100k(ml100k_dir):
+    from movierec.data import load_movielens
+    return load_movielens(ml100k_dir)
+
+
+@pytest.fixture(scope="module")
+def prepared(ml100k, tmp_path_factory):
+    "ML-100K prepared with the default (compact) template; few training windows, every test target."
+    from movierec.prompts import prepare
+    out = tmp_path_factory.mktemp("data")
+    prepare(ml100k, out, max_per_user=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2(base_gguf):
+    from movierec.model import load_base
+    return load_base(base_gguf, device="cpu")
+
+
+def test_surprise_reproduces_published_ml100k_svd(ml100k):
+    "Surprise's documented 5-fold SVD on ML-100K: RMSE 0.934, MAE 0.737; the harness must land there too."
+    from surprise import SVD, Dataset, Reader
+    from surprise.model_selection import cross_validate
+    data = Dataset.load_from_df(ml100k.ratings[["user_id", "movie_id", "rating"]], Reader(rating_scale=(1, 5)))
+    res = cross_validate(SVD(random_state=0), data, measures=["rmse", "mae"], cv=5, verbose=False)
+    assert abs(res["test_rmse"].mean() - 0.934) < 0.01, res["test_rmse"]
+    assert abs(res["test_mae"].mean() - 0.737) < 0.01, res["test_mae"]
+
+
+def test_baselines_learn_from_training_ratings_only(prepared):
+    from movierec.prompts import load_prepared
+    d = load_prepared(prepared)
+    r, test = d["ratings"], d["test"]
+    b = fit_baselines(r)
+    train = r[r.split == "train"]
+    # every movie mean is the mean of its training ratings, never touched by its val/test ratings
+    movies = test.movie_id.to_numpy()[:200]
+    want = train.groupby("movie_id").rating.mean().reindex(movies).fillna(train.rating.mean()).to_numpy()
+    assert np.allclose(b["movie_mean"].predict(np.zeros(len(movies)), movies), want)
+    assert np.isclose(b["global_mean"].predict([1], [1])[0], train.rating.mean())
+    # a rating that only the test split holds would move a model fitted on everything: not these
+    leaked = fit_baselines(r.assign(split="train"))
+    t = test.head(300)
+    assert not np.allclose(b["svd"].predict(t.user_id, t.movie_id), leaked["svd"].predict(t.user_id, t.movie_id))
+    with pytest.raises(MovierecError, match="no training ratings"):
+        fit_baselines(r.assign(split="test"))
+
+
+def test_ollama_top_logprobs_give_the_pytorch_distribution():
+    "What Ollama returns (top-20 log-probs of the whole vocabulary) yields the distribution PyTorch computes."
+    from movierec.model import rating_token_ids, smollm2_tokenizer
+    tok = smollm2_tokenizer()
+    ids = rating_token_ids(tok)
+    torch.manual_seed(0)
+    logits = torch.randn(len(tok))
+    logits[ids] = torch.tensor([7.0, 8.0, 9.0, 8.5, 7.5])  # the rating tokens are among the top 20
+    logprobs = torch.log_softmax(logits, -1)
+    top = torch.topk(logprobs, 20)
+    entries = [{"token": tok.decode([i]), "logprob": float(lp)} for lp, i in zip(top.values, top.indices.tolist())]
+    assert np.allclose(distribution_from_top_logprobs(entries), rating_distribution(logits[ids].numpy()), atol=1e-6)
+    # a rating token outside the top 20 gets probability 0, the others are renormalised among themselves
+    dropped = [e for e in entries if e["token"] != "1"]
+    d = distribution_from_top_logprobs(dropped)
+    from scipy.special import softmax
+    assert d[0] == 0 and np.allclose(d[1:], softmax(logits[ids[1:]].double().numpy()), atol=1e-6)
+    # the Ollama client's objects work as well as dicts
+    class E:
+        def __init__(self, token, logprob): self.token, self.logprob = token, logprob
+    assert np.allclose(distribution_from_top_logprobs([E(**e) for e in entries]), distribution_from_top_logprobs(entries))
+
+
+def test_metrics_match_scipy_and_sklearn_definitions():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    t = rng.integers(1, 6, 500).astype(float)
+    p = np.clip(t + rng.normal(0, 1, 500), 1, 5)
+    m = rating_metrics(t, p)
+    assert np.isclose(m["rmse"], np.sqrt(np.mean((t - p) ** 2))) and np.isclose(m["mae"], np.mean(np.abs(t - p)))
+    assert np.isclose(m["pearson"], pearsonr(t, p)[0]) and np.isclose(m["spearman"], spearmanr(t, p)[0])
+    assert np.isclose(m["auc_liked"], roc_auc_score(t >= 4, p))
+    assert np.array(m["confusion"]).sum() == 500 and np.array(m["confusion"]).sum(1).tolist() == [int((t == k).sum()) for k in range(1, 6)]
+
+
+@pytest.mark.slow
+def test_prefix_reuse_equals_full_scoring_on_smollm2(smollm2, ml100k):
+    from movierec.data import split_by_time
+    from movierec.prompts import prompts_for_user
+    model, tok = smollm2
+    sr = split_by_time(ml100k.ratings)
+    cands = prompts_for_user(ml100k, sr, 1, [50, 181, 1, 127, 100, 258, 7])
+    full = score_prompts(model, tok, cands, batch_size=7, progress=False, autocast=False)
+    alone = pd.concat([score_prompts(model, tok, [c], progress=False, autocast=False) for c in cands[:3]], ignore_index=True)
+    reuse = score_candidates(model, tok, cands, batch_size=4, autocast=False)
+    assert np.allclose(full[P].to_numpy()[:3], alone[P].to_numpy(), atol=1e-4), "left padding changes nothing"
+    assert np.allclose(full[P], reuse[P], atol=1e-4) and (full.argmax == reuse.argmax).all()
+    assert full.pred.nunique() > 1, "different movies, different predictions"
+
+
+@pytest.mark.slow
+def test_generate_and_parse_counts_failures_on_smollm2(smollm2, prepared):
+    from movierec.prompts import load_prepared
+    model, tok = smollm2
+    prompts = load_prepared(prepared)["test"].prompt.head(6).tolist()
+    gen = generate_and_parse(model, tok, prompts, max_new_tokens=8, batch_size=3, progress=False)
+    assert len(gen) == 6 and gen.text.str.len().gt(0).all()
+    for text, pred in zip(gen.text, gen.pred):
+        parsed = parse_rating(text)
+        assert (parsed is None and math.isnan(pred)) or parsed == pred, (text, pred)
+
+
+def _check_schema(m: dict, n: int):
+    assert m["split"] == "test" and m["sample"] == n and m["dataset"] == "ml-100k"
+    for e in m["models"]:
+        assert {"model", "kind", "n", "metrics"} <= set(e)
+        assert {"rmse", "mae", "pearson", "spearman", "auc_liked", "within_0_5", "within_1_0", "parse_failures", "n",
+                "confusion"} <= set(e["metrics"])
+        assert e["n"] + e["metrics"]["parse_failures"] == n
+
+
+@pytest.mark.slow
+def test_evaluate_zero_shot_smollm2_and_add_a_served_model(smollm2, prepared, tmp_path):
+    model, tok = smollm2
+    out = tmp_path / "eval"
+    res = evaluate(prepared, out, sample=40, seed=1, model=model, tokenizer=tok, progress=False)
+    assert [e["model"] for e in res["models"]] == ["global_mean", "user_mean", "movie_mean", "bias", "svd", "zero_shot"]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    _check_schema(on_disk, 40)
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert len(preds) == 40 and preds.zero_shot.between(1, 5).all() and preds.zero_shot.nunique() > 1
+    # the predictions are SmolLM2's for these very prompts
+    from movierec.prompts import load_prepared
+    test = load_prepared(prepared)["test"].set_index(["user_id", "movie_id"])
+    again = score_prompts(model, tok, test.loc[list(zip(preds.user_id, preds.movie_id))].prompt.head(4).tolist(), progress=False)
+    assert np.allclose(again.pred, preds.zero_shot.head(4), atol=1e-4)
+    # a served model joins the same table, its failures counted; predictions for other ratings are refused
+    served = preds[["user_id", "movie_id"]].assign(pred=preds.zero_shot + 0.01)
+    served.loc[3, "pred"] = np.nan
+    res = add_to_metrics(out, "lora_ollama", "ollama", served.sample(frac=1, random_state=0))
+    row = res["models"][-1]
+    assert row["model"] == "lora_ollama" and row["kind"] == "ollama" and row["metrics"]["parse_failures"] == 1 and row["n"] == 39
+    _check_schema(json.loads((out / "metrics.json").read_text()), 40)
+    assert "lora_ollama" in metrics_table(res).index
+    other = served.assign(movie_id=served.movie_id + 1)
+    with pytest.raises(MovierecError, match="not for the ratings"):
+        add_to_metrics(out, "wrong", "ollama", other)
+    assert len(json.loads((out / "metrics.json").read_text())["models"]) == 7
+    assert len(list((out / "plots").glob("*.png"))) == 5
+
+
+def test_evaluate_with_an_adapter_scores_lora_and_its_base(prepared, tmp_path):
+    "adapter_dir: `lora` with the adapter, `zero_shot` the same base with it switched off (tiny Llama, seconds)."
+    from peft import LoraConfig, get_peft_model
+    from movierec.model import smollm2_tokenizer, tiny_llama
+    tok = smollm2_tokenizer()
+    torch.manual_seed(0)
+    peft = get_peft_model(tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    (adapter / "movierec.json").write_text(json.dumps({"base_model": "tiny-llama"}))
+    res = evaluate(prepared, tmp_path / "eval", adapter_dir=adapter, sample=30, progress=False)
+    assert [e["model"] for e in res["models"]][-2:] == ["lora", "zero_shot"]
+    preds = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
+    base = evaluate(prepared, tmp_path / "eval_base", base_model="tiny-llama", sample=30, progress=False)
+    base_preds = pd.read_parquet(tmp_path / "eval_base" / "predictions.parquet")
+    assert np.allclose(preds.zero_shot, base_preds.zero_shot, atol=1e-5), "adapter off = the base model"
+    assert not np.allclose(preds.lora, preds.zero_shot, atol=1e-4), "the adapter changes the predictions"
+    assert [e["model"] for e in base["models"]][-1] == "zero_shot"
