@@ -7,7 +7,7 @@
 Part 1 builds every ML-100K example with `build_examples` and, in the same process, the seed's way
 (`examples_seed_way`: one boolean filter and one merge per example) on the first 100 users, and prints
 examples/s of each and their ratio (goal >= 100x). Part 2 generates a synthetic ratings set with
-ML-25M's shape (162,541 users, 62,423 movies, 25M half-star ratings, power-law activity and popularity)
+ML-25M's shape (162,541 users, 62,423 movies, 25M half-star ratings, heavy-tailed activity, Zipf popularity)
 and runs the whole `prepare` stage on it: split, examples for all three splits, Parquet files; it prints
 the time and the peak RSS (goal <= 10 min and <= 8 GB on a 2-core machine).
 """
@@ -52,18 +52,24 @@ def synthetic_25m(scale: float = 1.0, seed: int = 0) -> MovieLens:
     "Ratings with ML-25M's shape: 162,541 users (>= 20 ratings each, heavy tail), 62,423 movies (Zipf popularity)."
     rng = np.random.default_rng(seed)
     n_users, n_movies, n_ratings = int(162_541 * scale), int(62_423 * max(scale, 0.1)), int(25_000_095 * scale)
-    # activity: 20 + a Pareto tail (ML-25M: min 20, median 71, max 32,202), rescaled to the total
-    act = rng.pareto(1.2, n_users)
+    # activity: 20 + a log-normal tail (ML-25M: min 20, median 71, mean 154, max 32,202), rescaled to the total
+    act = rng.lognormal(np.log(51), 1.39, n_users)
     per_user = 20 + np.floor(act / act.sum() * (n_ratings - 20 * n_users)).astype(np.int64)
     per_user = np.minimum(per_user, n_movies // 2)
-    # draw 30% more (user, movie) pairs than needed, drop repeats (MovieLens has one rating per pair), then keep
-    # each user's first `per_user` distinct movies
-    user = np.repeat(np.arange(1, n_users + 1, dtype=np.int64), np.ceil(per_user * 1.3).astype(np.int64))
     pop = 1.0 / np.arange(1, n_movies + 1) ** 0.9  # Zipf-like popularity
-    movie = rng.choice(n_movies, size=len(user), p=pop / pop.sum()).astype(np.int64) + 1
-    pairs = pd.DataFrame({"user_id": user, "movie_id": movie}).drop_duplicates()
-    del user, movie
-    pairs = pairs[pairs.groupby("user_id").cumcount().to_numpy() < per_user[pairs.user_id.to_numpy() - 1]]
+    pop /= pop.sum()
+    # draw (user, movie) pairs, drop repeats (MovieLens has one rating per pair) and draw again for users still
+    # short of their count; the last rounds draw uniformly so heavy users can reach rare movies
+    pairs = pd.DataFrame({"user_id": np.zeros(0, np.int64), "movie_id": np.zeros(0, np.int64)})
+    need = per_user.copy()
+    for round_ in range(8):
+        u = np.repeat(np.arange(1, n_users + 1, dtype=np.int64), np.ceil(need * 1.3).astype(np.int64))
+        if not len(u): break
+        m = (rng.choice(n_movies, size=len(u), p=pop) if round_ < 4 else rng.integers(0, n_movies, len(u))) + 1
+        pairs = pd.concat([pairs, pd.DataFrame({"user_id": u, "movie_id": m.astype(np.int64)})]).drop_duplicates()
+        pairs = pairs[pairs.groupby("user_id").cumcount().to_numpy() < per_user[pairs.user_id.to_numpy() - 1]]
+        need = per_user - np.bincount(pairs.user_id.to_numpy() - 1, minlength=n_users)
+    pairs = pairs.sort_values(["user_id", "movie_id"])
     user, movie = pairs.user_id.to_numpy(), pairs.movie_id.to_numpy()
     del pairs
     start = rng.integers(822_873_600, 1_574_000_000, n_users + 1)  # 1996-2019
