@@ -1,0 +1,174 @@
+"""Deploy to a real Ollama: GGUF export, creation, parity with PyTorch on ML-100K prompts, errors, shell safety."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from movierec.core import MovierecError
+from movierec.ollama_server import free_port
+
+# A title that a shell would execute: it must reach the model as plain text and run nothing.
+CANARY = Path("/tmp/movierec-deploy-pwned")
+NASTY = f'"; rm -rf ~; echo " `touch {CANARY}` $(touch {CANARY}) | tee {CANARY} & ;'
+
+
+def random_adapter(folder: Path, base_gguf: Path, targets=("q_proj", "k_proj", "v_proj", "o_proj"), layers=30, std=0.02, **lora) -> Path:
+    "A PEFT LoRA with SmolLM2-135M's shapes (no weights loaded) and random non-zero B: a real, visible change."
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"): model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), **lora))
+    for n, p in peft.named_parameters():
+        if "lora_A" in n: torch.nn.init.normal_(p, std=1 / 24)
+        if "lora_B" in n: torch.nn.init.normal_(p, std=std)
+    peft.save_pretrained(folder)
+    (folder / "movierec.json").write_text(json.dumps({"base_model": str(base_gguf)}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ml_prompts(ml100k_dir):
+    "Eight ML-100K test-time prompts for user 1, one of them about a movie retitled with shell metacharacters."
+    from movierec.data import load_movielens, split_by_time
+    from movierec.prompts import prompts_for_user
+    ml = load_movielens(ml100k_dir)
+    ml.movies.loc[ml.movies.movie_id == 50, "title"] = NASTY
+    ratings = split_by_time(ml.ratings)
+    history = ratings[ratings.split == "train"]
+    movies = [50] + ratings[(ratings.user_id == 1) & (ratings.split == "test")].movie_id.head(7).tolist()
+    prompts = prompts_for_user(ml, history, 1, movies)
+    assert NASTY in prompts[0]
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, base_gguf, ml_prompts, ollama_server):
+    "`deploy` into the session's Ollama, with the parity check on the ML-100K prompts."
+    from movierec.deploy import deploy
+    tmp = tmp_path_factory.mktemp("deploy")
+    adapter = random_adapter(tmp / "adapter", base_gguf)
+    CANARY.unlink(missing_ok=True)
+    res = deploy(adapter, tmp / "gguf", name="movierec-test", host=ollama_server.host, parity_prompts=ml_prompts, concurrency=2)
+    yield res, adapter, tmp / "gguf"
+    client = ollama_server.client()
+    for m in res["models"].values():
+        if any(x.model.split(":")[0] == m for x in client.list().models): client.delete(m)
+
+
+@pytest.mark.slow
+def test_deploy_exports_creates_and_matches_pytorch(deployed, ollama_server):
+    from movierec.assets import sha256sum
+    from movierec.deploy import gguf_info
+    res, adapter, out = deployed
+    on_disk = json.loads((out / "deploy.json").read_text())
+    assert on_disk["parity"] == json.loads(json.dumps(res["parity"]))
+    for kind, entry in res["files"].items():
+        f = out / entry["path"]
+        assert f.stat().st_size == entry["bytes"] and sha256sum(f) == entry["sha256"], kind
+    assert gguf_info(out / "adapter.gguf")["type"] == "adapter" and gguf_info(out / "base-f16.gguf")["file_type"] == 1
+    assert not list(out.glob(".*.tmp"))                              # every file was renamed into place
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./base-f16.gguf\nADAPTER ./adapter.gguf\n" in modelfile and "PARAMETER temperature 0" in modelfile
+    assert "FROM ./merged-f16.gguf" in (out / "Modelfile.merged").read_text()
+    names = {m.model.split(":")[0] for m in ollama_server.client().list().models}
+    assert {"movierec-test", "movierec-test-merged"} <= names
+    for kind in ("adapter", "merged"):     # the issue's goals, on the F16 base
+        p = res["parity"][kind]
+        assert p["n"] == 8 and p["mean_abs_diff"] <= 0.05 and p["argmax_agreement"] >= 0.98, (kind, p)
+
+
+@pytest.mark.slow
+def test_adapter_changes_ratings_and_titles_are_harmless(deployed, ollama_server, ml_prompts):
+    "The parity above is not that of a no-op adapter; the shell-metacharacter title was rated and ran nothing."
+    from movierec.deploy import create_model, ollama_predict
+    from movierec.model import smollm2_tokenizer
+    res, adapter, out = deployed
+    client, tok = ollama_server.client(), smollm2_tokenizer()
+    create_model(client, "movierec-test-base", out / "base-f16.gguf", overwrite=True)
+    try:
+        base = ollama_predict(client, "movierec-test-base", ml_prompts[:4], tok, concurrency=2)
+        tuned = ollama_predict(client, "movierec-test", ml_prompts[:4], tok, concurrency=2)
+    finally: client.delete("movierec-test-base")
+    assert np.abs(base.pred - tuned.pred).mean() > 10 * res["parity"]["adapter"]["mean_abs_diff"]
+    assert tuned.pred.between(1, 5).all() and (tuned.argmax > 0).all()
+    assert not CANARY.exists()
+
+
+@pytest.mark.slow
+def test_modelfile_and_api_keep_metacharacters(tmp_path, ollama_server, deployed):
+    "The same text goes through the Modelfile and `create` unchanged: SYSTEM comes back as written."
+    from movierec.deploy import create_model, write_modelfile
+    res, adapter, out = deployed
+    system = f"You rate movies. Never run {NASTY}"
+    mf = write_modelfile(tmp_path, out / "base-f16.gguf", out / "adapter.gguf", system=system)
+    assert f'SYSTEM """{system}"""' in mf.read_text()
+    shown = create_model(ollama_server.client(), "movierec-test-sys", out / "base-f16.gguf", out / "adapter.gguf", system=system)
+    try: assert system in shown["modelfile"]
+    finally: ollama_server.client().delete("movierec-test-sys")
+    assert not CANARY.exists()
+    with pytest.raises(MovierecError, match="three double quotes"):
+        write_modelfile(tmp_path, out / "base-f16.gguf", system='say """ twice')
+
+
+@pytest.mark.slow
+def test_name_taken_without_overwrite(deployed, ollama_server):
+    from movierec.deploy import create_model
+    res, adapter, out = deployed
+    with pytest.raises(MovierecError, match="already has a model named 'movierec-test'.*overwrite"):
+        create_model(ollama_server.client(), "movierec-test", out / "base-f16.gguf", out / "adapter.gguf")
+
+
+def test_unreachable_server_says_how_to_start_one(tmp_path):
+    import ollama
+    from movierec.deploy import create_model, deploy
+    dead = ollama.Client(host=f"http://127.0.0.1:{free_port()}", timeout=5)
+    with pytest.raises(MovierecError, match="No Ollama server answers.*ollama serve"):
+        create_model(dead, "x", "smollm2:135m")
+    with pytest.raises(MovierecError, match="No Ollama answers at"):
+        from movierec.ollama_server import connect_or_start
+        connect_or_start(f"127.0.0.1:{free_port()}")
+
+
+@pytest.mark.parametrize("targets,lora,match", [
+    (("q_proj", "embed_tokens"), {}, "embedding and lm_head adapters cannot be exported"),
+    (("q_proj", "lm_head"), {}, "embedding and lm_head adapters cannot be exported"),
+    (("q_proj", "v_proj"), {"use_dora": True}, "DoRA"),
+    (("q_proj",), {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+])
+def test_unsupported_adapters_are_refused(tmp_path, base_gguf, targets, lora, match):
+    from movierec.deploy import export_adapter_gguf
+    ad = random_adapter(tmp_path / "ad", base_gguf, targets=targets, layers=1, **lora)
+    with pytest.raises(MovierecError, match=match):
+        export_adapter_gguf(ad, tmp_path / "adapter.gguf")
+    assert not (tmp_path / "adapter.gguf").exists()
+
+
+def test_wrong_base_and_architecture_are_refused(tmp_path, base_gguf):
+    import gguf
+    from movierec.deploy import create_model, export_adapter_gguf
+    ad = random_adapter(tmp_path / "ad", base_gguf, layers=1)
+    phi = tmp_path / "phi3.gguf"
+    w = gguf.GGUFWriter(phi, "phi3"); w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(MovierecError, match="'phi3'.*not supported"):
+        export_adapter_gguf(ad, tmp_path / "a.gguf", base_gguf=phi)
+    export_adapter_gguf(ad, tmp_path / "a.gguf")
+    with pytest.raises(MovierecError, match="is for 'llama' but the base phi3.gguf is 'phi3'"):
+        create_model(object(), "x", phi, tmp_path / "a.gguf")
+    # an adapter trained on a model of other shapes (hidden 64) does not fit SmolLM2
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    small = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                        num_attention_heads=4, num_key_value_heads=2)),
+                           LoraConfig(r=4, target_modules=["q_proj"]))
+    small.save_pretrained(tmp_path / "small")
+    (tmp_path / "small" / "movierec.json").write_text(json.dumps({"base_model": str(base_gguf)}))
+    with pytest.raises(MovierecError, match="trained on another model"):
+        export_adapter_gguf(tmp_path / "small", tmp_path / "b.gguf")
