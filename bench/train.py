@@ -58,7 +58,7 @@ def seed_step_time(model, tok, prompts, responses, seq_len=2048, grad_accum=8):
         if (i + 1) % grad_accum == 0 or i == len(prompts) - 1: opt.step(); opt.zero_grad()
         times.append(time.perf_counter() - t0)
         useful += int(enc.attention_mask.sum())
-        print(f"  seed example {i + 1}/{len(prompts)}: {times[-1]:.1f} s, loss {float(loss) * grad_accum:.3f}", flush=True)
+        print(f"  seed example {i + 1}/{len(prompts)}: {times[-1]:.1f} s, loss {loss.item() * grad_accum:.3f}", flush=True)
     return sum(times), useful
 
 
