@@ -16,6 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# run as a script, this file's folder comes first on sys.path and its name would hide the `ollama` package
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 from movierec.deploy import create_model, export_adapter_gguf, export_base_gguf, base_gguf_of, ollama_predict
 from movierec.model import load_tokenizer, read_adapter_meta
 from movierec.ollama_server import OllamaServer
