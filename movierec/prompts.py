@@ -73,9 +73,15 @@ class PromptContext:
     genres_text: np.ndarray
     genre_names: np.ndarray
     genre_onehot: np.ndarray   # (movies, genres) int32
-    train_key: np.ndarray      # movie index << 32 | timestamp of every training rating, sorted
+    train_key: np.ndarray      # movie index * span + (timestamp - t0) of every training rating, sorted
     train_csum: np.ndarray     # cumulative rating sum along train_key, with a leading 0
     template: dict
+    t0: int = 0                # earliest timestamp; span = latest - t0 + 2 (any unit: seconds or milliseconds)
+    span: int = 1
+
+    def time_key(self, movie_idx, ts) -> np.ndarray:
+        "Sort key of (movie, time); times are clipped into [t0, latest + 1], and `None`-like huge times mean 'after all'."
+        return np.asarray(movie_idx, np.int64) * self.span + np.clip(np.asarray(ts, np.int64) - self.t0, 0, self.span - 1)
 
     def movie_index(self, movie_ids) -> np.ndarray:
         mid = np.asarray(movie_ids, dtype=np.int64)
@@ -104,9 +110,11 @@ def prompt_context(ml: MovieLens, split_ratings: pd.DataFrame, template="compact
         for g in gs: onehot[i, col[g]] = 1
     ctx = PromptContext(mv.movie_id.to_numpy(np.int64), title, title_year, np.empty(len(mv), dtype=object), names,
                         onehot, None, None, get_template(template))
+    ts_all = split_ratings.timestamp.to_numpy(np.int64)
+    ctx.t0, ctx.span = (int(ts_all.min()), int(ts_all.max() - ts_all.min()) + 2) if len(ts_all) else (0, 1)
     ctx.genres_text[:] = [", ".join(gs) if gs else "unknown genre" for gs in mv.genres]
     tr = split_ratings[split_ratings.split == "train"] if "split" in split_ratings else split_ratings
-    key = (ctx.movie_index(tr.movie_id.to_numpy()).astype(np.int64) << 32) | tr.timestamp.to_numpy(np.int64)
+    key = ctx.time_key(ctx.movie_index(tr.movie_id.to_numpy()), tr.timestamp.to_numpy(np.int64))
     order = np.argsort(key, kind="stable")
     ctx.train_key = key[order]
     ctx.train_csum = np.r_[0.0, np.cumsum(tr.rating.to_numpy(np.float64)[order])]
@@ -171,9 +179,8 @@ def profile_prompts(ctx: PromptContext, hist: pd.DataFrame, s, h, movie_idx, ts)
     pref = np.where(np.take_along_axis(pref_score, pref, 1) > -np.inf, pref, -1)
     avoid = np.where(np.take_along_axis(avoid_score, avoid, 1) > -np.inf, avoid, -1)
     # the movie's training ratings strictly before the target time (so a training target never sees itself)
-    base = movie_idx << 32
-    lo = np.searchsorted(ctx.train_key, base, "left")
-    hi = np.searchsorted(ctx.train_key, base | np.minimum(ts, (1 << 32) - 1), "left")
+    lo = np.searchsorted(ctx.train_key, movie_idx * ctx.span, "left")
+    hi = np.searchsorted(ctx.train_key, ctx.time_key(movie_idx, ts), "left")
     mcount = hi - lo
     mmean = np.divide(ctx.train_csum[hi] - ctx.train_csum[lo], mcount, out=np.full(len(n), np.nan), where=mcount > 0)
     fields = {"history_len": n.tolist(), "user_mean": _fmt_mean(user_mean), "liked": liked_txt, "disliked": disliked_txt,
@@ -301,7 +308,7 @@ def prompts_for_user(ml: MovieLens, split_ratings: pd.DataFrame, user_id, movie_
     if u.empty: raise MovierecError(f"User {user_id} has no ratings in this dataset; pick a user id from ratings.parquet.")
     u = u.sort_values(["timestamp", "movie_id"], kind="stable", ignore_index=True)
     u = u.assign(movie_idx=ctx.movie_index(u.movie_id.to_numpy()))
-    t = (1 << 32) - 1 if at_time is None else int(at_time)
+    t = np.iinfo(np.int64).max // 2 if at_time is None else int(at_time)
     h = int(np.searchsorted(u.timestamp.to_numpy(), t, "left")) if at_time is not None else len(u)
     m = ctx.movie_index(list(movie_ids))
     return profile_prompts(ctx, u, np.zeros(len(m)), np.full(len(m), h), m, np.full(len(m), t)).prompt.tolist()

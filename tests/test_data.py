@@ -181,6 +181,9 @@ def test_empty_files(gl, ml, tmp_path):
     d = _csv_dir(ml, tmp_path / "csv2")
     (d / "movies.csv").write_text("movieId,title,genres\n")
     _error(d, "movies.csv has a header but no movies")
+    (gl / "u.data").write_text("1\t1\t3\t881250949\n")
+    (gl / "u.item").unlink()
+    _error(gl, "u.item is missing")
 
 
 def test_wrong_encoding(gl, ml, tmp_path):
@@ -256,6 +259,9 @@ def test_examples_shape(ml, sr, ex):
     # smaller chunks of users give the same examples
     small = build_examples(ml, sr, rows_per_chunk=7_000)
     for k in ex: assert (small[k].prompt.values == ex[k].prompt.values).all()
+    # millisecond timestamps (beyond 32 bits) give the same examples
+    ms = build_examples(ml, sr.assign(timestamp=sr.timestamp * 1000), splits=("test",))
+    assert (ms["test"].prompt.values == ex["test"].prompt.values).all()
     # the seed picks which training windows are kept; it changes nothing else
     other = build_examples(ml, sr, seed=1, splits=("train", "test"))
     pairs = lambda df: set(zip(df.user_id, df.movie_id))
