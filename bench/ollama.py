@@ -1,7 +1,8 @@
 """Rating predictions per second from Ollama: our API path against the seed's way, same model, same prompts, one run.
 
 - API: `deploy.ollama_predict`: one generated token per prompt with `top_logprobs=20`, raw text, concurrent requests.
-- seed: one `ollama run NAME "PROMPT"` process per example, free generation, the first digit 1-5 found by a regex.
+- seed: one `ollama run NAME "PROMPT"` process per example, free generation (at most --seed-new-tokens), the first
+  digit 1-5 found by a regex.
 
 Both talk to the same private `ollama serve` with the model already loaded (a warm-up request first).
 
@@ -19,7 +20,7 @@ from pathlib import Path
 # run as a script, this file's folder comes first on sys.path and its name would hide the `ollama` package
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from movierec.deploy import create_model, export_adapter_gguf, export_base_gguf, base_gguf_of, ollama_predict
+from movierec.deploy import chat_template_of, create_model, export_adapter_gguf, export_base_gguf, base_gguf_of, ollama_predict
 from movierec.model import load_tokenizer, read_adapter_meta
 from movierec.ollama_server import OllamaServer
 
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300, help="seconds allowed to one `ollama run`")
+    ap.add_argument("--seed-new-tokens", type=int, default=64, help="num_predict of the seed's model (its response held the "
+                    "rating, a reasoning and a confidence line; bench/score.py uses the same bound)")
     args = ap.parse_args(argv)
 
     prompts = test_prompts(args.data, args.n, args.seed)
@@ -66,18 +69,24 @@ def main(argv=None) -> int:
         adapter = export_adapter_gguf(args.adapter, d / "adapter.gguf")
         client = srv.client()
         create_model(client, "movierec-bench", base, adapter, overwrite=True)
-        ollama_predict(client, "movierec-bench", prompts[:1], tok)   # load the model once, for both ways
+        # the seed's model: the same files, free generation bounded at --seed-new-tokens (our adapter was trained on the
+        # rating token only, so it may never emit <|im_end|>, and Ollama's context shift would let it talk forever)
+        template, system, stops = chat_template_of(base)
+        create_model(client, "movierec-bench-seed", base, adapter, overwrite=True, template=template, system=system,
+                     parameters={"temperature": 0, "stop": stops, "num_predict": args.seed_new_tokens})
+        ollama_predict(client, "movierec-bench", prompts[:1], tok)   # load the model once, for both ways (same blobs)
 
         t0 = time.perf_counter()
         api = ollama_predict(client, "movierec-bench", prompts, tok, concurrency=args.concurrency)
         t_api = time.perf_counter() - t0
-        seed, t_seed = seed_way(srv.binary, srv.host, "movierec-bench", prompts, args.timeout)
+        seed_way(srv.binary, srv.host, "movierec-bench-seed", prompts[:1], args.timeout)   # warm, like the API's
+        seed, t_seed = seed_way(srv.binary, srv.host, "movierec-bench-seed", prompts, args.timeout)
 
     n = len(prompts)
     failures = sum(r is None for r, _ in seed)
     agree = sum(r == a for (r, _), a in zip(seed, api.argmax) if r is not None)
     print(f"Ollama {srv.version}, {n} ML-100K test prompts, adapter {args.adapter}, F16 base, "
-          f"{os.cpu_count()} CPUs, concurrency {args.concurrency}")
+          f"{os.cpu_count()} CPUs, concurrency {args.concurrency}, seed's num_predict {args.seed_new_tokens}")
     print(f"{'way':<44}{'seconds':>9}{'preds/s':>9}{'failures':>10}")
     print(f"{'API: 1 token, top_logprobs=20, concurrent':<44}{t_api:>9.1f}{n / t_api:>9.2f}{int((api.argmax == 0).sum()):>10}")
     print(f"{'seed: `ollama run` per example + regex':<44}{t_seed:>9.1f}{n / t_seed:>9.2f}{failures:>10}")

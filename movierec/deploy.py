@@ -22,10 +22,10 @@ from .core import MovierecError, atomic_path, get_logger, write_json, write_text
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'GGUF_NAMES', 'SUPPORTED_ARCHS', 'FILE_TYPES', 'CHATML_TEMPLATE', 'gguf_info', 'adapter_base', 'base_gguf_of',
-           'permute_qk', 'lora_tensors', 'export_adapter_gguf', 'export_base_gguf', 'export_merged_gguf',
-           'chat_template_of', 'num_ctx_for', 'write_modelfile', 'model_exists', 'create_model', 'ollama_predict',
-           'parity', 'deploy']
+__all__ = ['log', 'GGUF_NAMES', 'SUPPORTED_ARCHS', 'FILE_TYPES', 'CHATML_TEMPLATE', 'PEFT_IMPORT_PROMPTS', 'gguf_info',
+           'adapter_base', 'base_gguf_of', 'permute_qk', 'lora_tensors', 'export_adapter_gguf', 'export_base_gguf',
+           'export_merged_gguf', 'chat_template_of', 'num_ctx_for', 'write_modelfile', 'model_exists', 'create_model',
+           'ollama_predict', 'parity', 'ollama_import_workaround', 'deploy']
 
 # %% ../nbs/07_deploy.ipynb #86e9dd16
 @functools.lru_cache(maxsize=4)
@@ -327,7 +327,33 @@ def parity(ollama_preds, torch_preds) -> dict:
             "argmax_agreement": float(agree.mean()),
             "pearson": float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 else float("nan")}
 
+# %% ../nbs/07_deploy.ipynb #c7d90df8
+def _ollama_lora_a_shuffle(a: np.ndarray, n_head: int, inverse: bool = False) -> np.ndarray:
+    "What Ollama 0.21's converter does to a q/k `lora_A` `(r, in)`: `permute_qk` of its buffer read as `(in, r)`."
+    r, n_in = a.shape
+    if n_in % (2 * n_head): raise MovierecError(f"lora_A with {n_in} columns cannot be split into {n_head} heads of pairs.")
+    return (a.reshape(n_head, n_in // n_head // 2, 2, r) if inverse else a.reshape(n_head, 2, n_in // n_head // 2, r)).swapaxes(1, 2).reshape(r, n_in)
+
+def ollama_import_workaround(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base_gguf=None) -> Path:
+    "A copy of a PEFT adapter folder that Ollama 0.21's own import (`ADAPTER <folder>`) converts right for llama."
+    from safetensors.numpy import load_file, save_file
+    d, out = Path(adapter_dir), Path(out_dir)
+    _, _, base = lora_tensors(d, base_gguf)   # the GGUF export's checks: shapes, architecture, what cannot be converted
+    fixed = {}
+    for k, v in load_file(d / "adapter_model.safetensors").items():
+        mod, ab = _PEFT_KEY.match(k).group(2, 3)
+        if mod in ("q_proj", "k_proj"):
+            if ab == "B": v = permute_qk(v, base["n_head"] if mod == "q_proj" else base["n_head_kv"])
+            else: v = _ollama_lora_a_shuffle(v, base["n_head"], inverse=True)   # it uses n_head for k as well
+        fixed[k] = np.ascontiguousarray(v)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "adapter_model.safetensors") as tmp: save_file(fixed, str(tmp), metadata={"format": "pt"})
+    write_text(out / "adapter_config.json", (d / "adapter_config.json").read_text())
+    return out
+
 # %% ../nbs/07_deploy.ipynb #4f5afec9
+PEFT_IMPORT_PROMPTS = 50   # Ollama's own import is a comparison, not the deployed model: a smaller sample
+
 def _file_entry(p: Path) -> dict:
     return {"path": p.name, "bytes": p.stat().st_size, "sha256": sha256sum(p)}
 
@@ -335,7 +361,8 @@ def deploy(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str
            overwrite: bool = True, merged: bool = True, parity_prompts=None, base_gguf=None, concurrency: int = 4,
            num_ctx: int | None = None, peft_import: bool = False) -> dict:
     """Export GGUF files, write the Modelfile, create the model(s) in Ollama, check parity; write deploy.json.
-    `peft_import=True` also creates `NAME-peft` from the PEFT folder as Ollama converts it itself, for comparison."""
+    `peft_import=True` also creates `NAME-peft-import` from the PEFT folder as Ollama converts it itself, and
+    `NAME-peft-import-workaround` from `ollama_import_workaround`'s copy, and compares both on the first 50 prompts."""
     from movierec.ollama_server import OllamaServer, connect_or_start, server_version
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     base = base_gguf_of(adapter_dir, base_gguf)
@@ -363,7 +390,10 @@ def deploy(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str
         host = srv.host if srv else host
         models = {"adapter": create_model(client, name, files["base"], files["adapter"], overwrite, template, system, params)["name"]}
         if merged: models["merged"] = create_model(client, f"{name}-merged", files["merged"], None, overwrite, template, system, params)["name"]
-        if peft_import: models["peft_import"] = create_model(client, f"{name}-peft", files["base"], adapter_dir, overwrite, template, system, params)["name"]
+        if peft_import:   # Ollama's own conversion of the PEFT folder, as it is and with the workaround
+            fixed = ollama_import_workaround(adapter_dir, out_dir / "ollama-import", base)
+            for kind, folder in (("peft_import", adapter_dir), ("peft_import_workaround", fixed)):
+                models[kind] = create_model(client, f"{name}-{kind.replace('_', '-')}", files["base"], folder, overwrite, template, system, params)["name"]
         result = {"name": name, "models": models, "host": host, "private_server": srv is not None,
                   "ollama_version": server_version(host),
                   "base_model": str(base), "adapter_dir": str(adapter_dir.resolve()), "num_ctx": params["num_ctx"],
@@ -372,8 +402,9 @@ def deploy(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str
             from movierec.score import score_prompts
             t = time.time(); torch_preds = score_prompts(torch_model, tokenizer, prompts, progress=False, autocast=False); t_torch = time.time() - t
             for kind, m in models.items():
-                t = time.time(); preds = ollama_predict(client, m, prompts, tokenizer, concurrency, params["num_ctx"])
-                result["parity"][kind] = {**parity(preds, torch_preds), "ollama_preds_per_s": len(prompts) / (time.time() - t),
+                k = len(prompts) if kind in ("adapter", "merged") else min(len(prompts), PEFT_IMPORT_PROMPTS)
+                t = time.time(); preds = ollama_predict(client, m, prompts[:k], tokenizer, concurrency, params["num_ctx"])
+                result["parity"][kind] = {**parity(preds, torch_preds.iloc[:k]), "ollama_preds_per_s": k / (time.time() - t),
                                           "torch_preds_per_s": len(prompts) / t_torch}
             log.info("parity: %s", result["parity"])
     finally:

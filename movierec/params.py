@@ -65,6 +65,7 @@ class Params:
     ollama_host: str = _knob("auto", "auto: start a private server; or a URL of a running Ollama")
     model_name: str = _knob("movierec", "the name the model gets in Ollama")
     parity_sample: int = _knob(200, "test prompts on which Ollama is compared with PyTorch")
+    peft_import: bool = _knob(True, "also compare Ollama's own import of the PEFT folder (and our workaround for its q/k bug) on 50 prompts")
     seed: int = _knob(42, "seeds sampling, initialisation and data order")
 
     @classmethod
@@ -121,7 +122,7 @@ STAGES = {
     "02_train": ["base_model", "device", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "objective",
                  "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "train_examples",
                  "val_examples", "eval_steps", "save_steps", "early_stopping_patience", "load_in_4bit", "report_to", "seed"],
-    "03_deploy": ["deploy", "ollama_host", "model_name", "parity_sample", "device", "seed"],
+    "03_deploy": ["deploy", "ollama_host", "model_name", "parity_sample", "peft_import", "device", "seed"],
     "04_evaluate": ["base_model", "eval_sample", "zero_shot", "ranking_users", "deploy", "ollama_host", "model_name", "device", "seed"],
     "05_report": [],
 }

@@ -159,7 +159,10 @@ def write_report(run_dir: str | Path) -> Path:
                   "parity of its expected ratings with PyTorch's on the same test prompts:", ""]
         if dep.get("parity"):
             import pandas as pd
-            lines += [pd.DataFrame(dep["parity"]).T.to_markdown(floatfmt=".4f"), ""]
+            lines += [pd.DataFrame(dep["parity"]).T.astype({"n": int}).to_markdown(floatfmt=".4f"), ""]
+            if "peft_import" in dep["parity"]:
+                lines += ["`peft_import` is Ollama's own import of the PEFT folder (wrong for llama q/k in Ollama 0.21), "
+                          "`peft_import_workaround` its import of `deploy.ollama_import_workaround`'s copy.", ""]
     plots = sorted((run_dir / "plots").glob("*.png")) + sorted((run_dir / "adapter").glob("*.png"))
     if plots: lines += ["## Plots", "", *[f"![{q.stem}]({q.relative_to(run_dir)})" for q in plots], ""]
     return write_text(run_dir / "report.md", "\n".join(lines))

@@ -68,7 +68,7 @@ def deploy_stage(p: Params, adapter_dir: str | Path, out_dir: str | Path, data_d
     _use_device(p)
     prompts = parity_prompts(p, data_dir) if data_dir and p.parity_sample else None
     return deploy(Path(adapter_dir), Path(out_dir), name=p.model_name, host=None if p.ollama_host == "auto" else p.ollama_host,
-                  overwrite=True, parity_prompts=prompts)
+                  overwrite=True, parity_prompts=prompts, peft_import=p.peft_import)
 
 # %% ../nbs/10_stages.ipynb #c79e2e74
 def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter_dir: str | Path | None = None) -> dict:
