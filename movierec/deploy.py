@@ -22,10 +22,10 @@ from .core import MovierecError, atomic_path, get_logger, write_json, write_text
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'GGUF_NAMES', 'SUPPORTED_ARCHS', 'FILE_TYPES', 'CHATML_TEMPLATE', 'PEFT_IMPORT_PROMPTS', 'gguf_info',
-           'adapter_base', 'base_gguf_of', 'permute_qk', 'lora_tensors', 'export_adapter_gguf', 'export_base_gguf',
-           'export_merged_gguf', 'chat_template_of', 'num_ctx_for', 'write_modelfile', 'model_exists', 'create_model',
-           'ollama_predict', 'parity', 'ollama_import_workaround', 'deploy']
+__all__ = ['log', 'GGUF_NAMES', 'SUPPORTED_ARCHS', 'QK_HEADS', 'FILE_TYPES', 'CHATML_TEMPLATE', 'PEFT_IMPORT_PROMPTS',
+           'gguf_info', 'adapter_base', 'base_gguf_of', 'permute_qk', 'lora_tensors', 'export_adapter_gguf',
+           'export_base_gguf', 'export_merged_gguf', 'chat_template_of', 'num_ctx_for', 'write_modelfile',
+           'model_exists', 'create_model', 'ollama_predict', 'parity', 'ollama_import_workaround', 'deploy']
 
 # %% ../nbs/07_deploy.ipynb #86e9dd16
 @functools.lru_cache(maxsize=4)
@@ -80,6 +80,7 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 SUPPORTED_ARCHS = ("llama",)
+QK_HEADS = {"q_proj": "n_head", "k_proj": "n_head_kv"}   # the rows of q and k are split into these heads
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 def lora_tensors(adapter_dir: str | os.PathLike, base_gguf=None) -> tuple[dict[str, np.ndarray], float, dict]:
@@ -118,8 +119,7 @@ def lora_tensors(adapter_dir: str | os.PathLike, base_gguf=None) -> tuple[dict[s
             raise MovierecError(f"{st}: {k} has shape {v.shape}, the base {Path(base['path']).name} needs {want}; the adapter was trained on another model.")
         if ab == "B":
             ranks.add(v.shape[1])
-            if mod == "q_proj": v = permute_qk(v, base["n_head"])
-            elif mod == "k_proj": v = permute_qk(v, base["n_head_kv"])
+            if mod in QK_HEADS: v = permute_qk(v, base[QK_HEADS[mod]])
         out[f"{name}.lora_{ab.lower()}"] = np.ascontiguousarray(v)
     if not out: raise MovierecError(f"{st} holds no LoRA tensors.")
     names = {k.rsplit(".", 1)[0] for k in out}
@@ -342,8 +342,8 @@ def ollama_import_workaround(adapter_dir: str | os.PathLike, out_dir: str | os.P
     fixed = {}
     for k, v in load_file(d / "adapter_model.safetensors").items():
         mod, ab = _PEFT_KEY.match(k).group(2, 3)
-        if mod in ("q_proj", "k_proj"):
-            if ab == "B": v = permute_qk(v, base["n_head"] if mod == "q_proj" else base["n_head_kv"])
+        if mod in QK_HEADS:
+            if ab == "B": v = permute_qk(v, base[QK_HEADS[mod]])
             else: v = _ollama_lora_a_shuffle(v, base["n_head"], inverse=True)   # it uses n_head for k as well
         fixed[k] = np.ascontiguousarray(v)
     out.mkdir(parents=True, exist_ok=True)
