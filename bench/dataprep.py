@@ -5,7 +5,7 @@
     .venv/bin/python bench/dataprep.py --skip-100k --scale 0.1                 # a tenth of ML-25M's shape
 
 Part 1 builds every ML-100K example with `build_examples` and, in the same process, the seed's way
-(`examples_seed_way`: one boolean filter and one merge per example) on the first 100 users, and prints
+(`examples_seed_way` below: one boolean filter and one merge per example) on the first 100 users, and prints
 examples/s of each and their ratio (goal >= 100x). Part 2 generates a synthetic ratings set with
 ML-25M's shape (162,541 users, 62,423 movies, 25M half-star ratings, heavy-tailed activity, Zipf popularity)
 and runs the whole `prepare` stage on it: split, examples for all three splits, Parquet files; it prints
@@ -24,7 +24,27 @@ import numpy as np
 import pandas as pd
 
 from movierec.data import MovieLens, load_movielens, split_by_time
-from movierec.prompts import build_examples, examples_seed_way, prepare
+from movierec.prompts import PrepareConfig, build_examples, prepare, profile_prompts, prompt_context
+
+
+def examples_seed_way(ml: MovieLens, split_ratings: pd.DataFrame, user_ids, cfg: PrepareConfig | None = None,
+                      splits=("val", "test")) -> pd.DataFrame:
+    """Examples of `user_ids` built one at a time, as the seed did: a filter and a merge per example, then the same
+    formatter. Slow but obviously right: the reference the vectorized `build_examples` must match prompt for prompt.
+    Every target of `splits` is built (training targets only with `cfg.min_history` earlier ratings, none dropped)."""
+    cfg = PrepareConfig() if cfg is None else cfg
+    ctx = prompt_context(ml, split_ratings, cfg.template)
+    rows = []
+    for u in user_ids:
+        targets = split_ratings[(split_ratings.user_id == u) & split_ratings.split.isin(list(splits))]
+        for t in targets.itertuples():
+            hist = split_ratings[(split_ratings.user_id == u) & (split_ratings.timestamp < t.timestamp)]
+            hist = hist.merge(ml.movies[["movie_id"]], on="movie_id").sort_values(["timestamp", "movie_id"], kind="stable")
+            if t.split == "train" and len(hist) < cfg.min_history: continue
+            hist = hist.assign(movie_idx=ctx.movie_index(hist.movie_id.to_numpy()))
+            prof = profile_prompts(ctx, hist, [0], [len(hist)], ctx.movie_index([t.movie_id]), [t.timestamp])
+            rows.append((u, t.movie_id, t.timestamp, prof.prompt.iloc[0]))
+    return pd.DataFrame(rows, columns=["user_id", "movie_id", "timestamp", "prompt"])
 
 
 def peak_rss_gb() -> float:
@@ -40,7 +60,7 @@ def bench_100k(n_users: int = 100) -> None:
     n_vec = sum(map(len, ex.values()))
     users = sorted(sr.user_id.unique())[:n_users]
     t0 = time.perf_counter()
-    ref = examples_seed_way(ml, sr, users, splits=("train", "val", "test"), min_history=10)
+    ref = examples_seed_way(ml, sr, users, splits=("train", "val", "test"))
     t_seed = time.perf_counter() - t0
     v, s = n_vec / t_vec, len(ref) / t_seed
     print(f"ML-100K vectorized : {n_vec:>7,} examples (all {sr.user_id.nunique()} users) in {t_vec:6.2f} s = {v:>9,.0f} examples/s")
@@ -99,7 +119,7 @@ def bench_25m(scale: float, out: Path | None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dataprep-", dir=out))
     try:
         t0 = time.perf_counter()
-        meta = prepare(ml, tmp)
+        meta = prepare(PrepareConfig(), tmp, ml=ml)
         t = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in tmp.iterdir()) / 1024**3
         n = sum(meta["examples"].values())

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .assets import GROUPLENS_NAMES, fetch_grouplens, ml100k_path
 from .core import MovierecError, data_dir, get_logger
 
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ML100K_GENRES', 'NO_GENRE', 'LAYOUTS', 'SPLITS', 'MovieLens', 'split_title', 'detect_format', 'load_movielens',
-           'write_grouplens_100k', 'split_by_time']
+__all__ = ['log', 'NO_GENRE', 'ML100K_GENRES', 'LAYOUTS', 'SPLITS', 'MovieLens', 'split_title', 'write_grouplens_100k',
+           'detect_format', 'load_movielens', 'split_by_time']
 
 # %% ../nbs/01_data.ipynb #759a34b8
 @dataclass
@@ -35,9 +36,9 @@ class MovieLens:
         return (f"MovieLens({self.name!r}: {len(self.ratings):,} ratings, {self.ratings.user_id.nunique():,} users, "
                 f"{len(self.movies):,} movies, scale {self.scale})")
 
-# %% ../nbs/01_data.ipynb #eba8887e
+# %% ../nbs/01_data.ipynb #d1c1f6fc
 def _check_bytes(path: Path) -> None:
-    "Empty files and UTF-16/binary files fail here, before pandas gives an obscure message."
+    "Raise a `MovierecError` if `path` is missing, empty, or UTF-16/binary rather than UTF-8 or latin-1 text."
     if not path.exists(): raise MovierecError(f"{path} is missing; the folder looks like a MovieLens layout that needs it.")
     with open(path, "rb") as f: head = f.read(4096)
     if not head.strip():
@@ -46,10 +47,29 @@ def _check_bytes(path: Path) -> None:
         raise MovierecError(f"{path} is not a text file in UTF-8 or latin-1 (it looks like UTF-16 or binary); "
                             "re-save it as UTF-8.")
 
+# %% ../nbs/01_data.ipynb #bf00d6dd
 def _line(i: int, header: bool) -> int:
     "1-based line number of data row `i`."
     return int(i) + (2 if header else 1)
 
+# %% ../nbs/01_data.ipynb #8ac9a983
+def _check_columns(path: Path, df: pd.DataFrame, fields: list[str], header: bool) -> pd.DataFrame:
+    "`df` with exactly `fields` as columns (in that order), or an error naming the missing and unexpected ones."
+    if header:
+        got = [str(c).split(":")[0].strip() for c in df.columns]  # RecBole headers read `rating:float`
+        missing, extra = [f for f in fields if f not in got], [c for c in got if c not in fields]
+        if missing or extra:
+            raise MovierecError(f"{path}, line 1 (header): " + "; ".join(
+                ([f"missing column(s) {', '.join(missing)}"] if missing else []) + ([f"unexpected column(s) {', '.join(extra)}"] if extra else []))
+                + f". Expected exactly: {', '.join(fields)}.")
+        df.columns = got
+        return df[fields]
+    if df.shape[1] != len(fields):
+        raise MovierecError(f"{path}, line 1: {df.shape[1]} fields, expected {len(fields)} ({', '.join(fields)}); "
+                            "is this the right file for this layout?")
+    return df
+
+# %% ../nbs/01_data.ipynb #a7bb2122
 def _read_numeric(path: Path, fields: list[str], sep: str = ",", header: bool = True, usecols=None) -> pd.DataFrame:
     "Read a table whose `fields` are all numbers into float64 columns, or say which line and field are bad."
     _check_bytes(path)
@@ -80,22 +100,7 @@ def _read_numeric(path: Path, fields: list[str], sep: str = ",", header: bool = 
         raise MovierecError(f"{path}, line {_line(i, header)}: field {fields[j]} is missing; fix or remove that line.")
     return df
 
-def _check_columns(path: Path, df: pd.DataFrame, fields: list[str], header: bool) -> pd.DataFrame:
-    "`df` with exactly `fields` as columns (in that order), or an error naming the missing and unexpected ones."
-    if header:
-        got = [str(c).split(":")[0].strip() for c in df.columns]  # RecBole headers read `rating:float`
-        missing, extra = [f for f in fields if f not in got], [c for c in got if c not in fields]
-        if missing or extra:
-            raise MovierecError(f"{path}, line 1 (header): " + "; ".join(
-                ([f"missing column(s) {', '.join(missing)}"] if missing else []) + ([f"unexpected column(s) {', '.join(extra)}"] if extra else []))
-                + f". Expected exactly: {', '.join(fields)}.")
-        df.columns = got
-        return df[fields]
-    if df.shape[1] != len(fields):
-        raise MovierecError(f"{path}, line 1: {df.shape[1]} fields, expected {len(fields)} ({', '.join(fields)}); "
-                            "is this the right file for this layout?")
-    return df
-
+# %% ../nbs/01_data.ipynb #d818a7ad
 def _read_lines(path: Path, encodings=("utf-8",)) -> list[str]:
     "Text lines of a small file (movie lists), trying `encodings` in order; a clear error if none decodes."
     _check_bytes(path)
@@ -121,15 +126,15 @@ def split_title(titles: pd.Series) -> tuple[pd.Series, pd.Series]:
     return title.astype(str), pd.to_numeric(m[1], errors="coerce").astype("Int64")
 
 # %% ../nbs/01_data.ipynb #84e733a4
-ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western"]
 NO_GENRE = {"unknown", "(no genres listed)", ""}
 
 def _genres(s: str, sep: str) -> list[str]:
+    "The genres in `s`, separated by `sep`, without the layouts' spellings of 'no genre'."
     return [g for g in s.strip().split(sep) if g not in NO_GENRE]
 
+# %% ../nbs/01_data.ipynb #520e079e
 def _movies_frame(path: Path, ids, titles, genres, years=None) -> pd.DataFrame:
+    "The canonical movies frame from parsed columns, refusing non-numeric and repeated ids."
     ids = pd.Series(ids)
     bad = pd.to_numeric(ids, errors="coerce")
     if bad.isna().any():
@@ -144,7 +149,27 @@ def _movies_frame(path: Path, ids, titles, genres, years=None) -> pd.DataFrame:
         raise MovierecError(f"{path}: movie id {movies.movie_id[dup].iloc[0]} appears more than once; keep one line per movie.")
     return movies
 
+# %% ../nbs/01_data.ipynb #3edaf931
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western"]
+
+def write_grouplens_100k(ml: MovieLens, folder: Path, users=None) -> Path:
+    "Write `ml` (or some of its users) in GroupLens' 100K layout: `u.data` and latin-1 `u.item` with genre flags."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    r = ml.ratings if users is None else ml.ratings[ml.ratings.user_id.isin(users)]
+    r.assign(rating=r.rating.astype(int)).to_csv(folder / "u.data", sep="\t", header=False, index=False)
+    lines = []
+    for m in ml.movies.itertuples():
+        title = m.title if pd.isna(m.year) else f"{m.title} ({m.year})"
+        flags = ["1" if (g in m.genres or (g == "unknown" and not m.genres)) else "0" for g in ML100K_GENRES]
+        lines.append("|".join([str(m.movie_id), title, "", "", ""] + flags))
+    (folder / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1", errors="replace"))
+    return folder
+
+# %% ../nbs/01_data.ipynb #5f39eee4
 def _read_100k(folder: Path):
+    "GroupLens' 100K layout: `u.data` (tab-separated, no header) and `u.item` (19 genre flags)."
     r = _read_numeric(folder / "u.data", ["user_id", "movie_id", "rating", "timestamp"], sep="\t", header=False)
     ids, titles, genres = [], [], []
     for n, line in enumerate(_read_lines(folder / "u.item", ("utf-8", "latin-1")), 1):
@@ -160,7 +185,9 @@ def _read_100k(folder: Path):
         genres.append([g for g, x in zip(ML100K_GENRES, flags) if x == "1" and g not in NO_GENRE])
     return r, _movies_frame(folder / "u.item", ids, titles, genres), (1.0, 5.0), folder / "u.data", False
 
+# %% ../nbs/01_data.ipynb #3b02cc52
 def _read_1m(folder: Path):
+    "GroupLens' 1M layout: `ratings.dat` and `movies.dat`, fields separated by `::`."
     # `1::1193::5::978300760` split on ":" is seven fields with empty ones between: the C parser stays usable
     r = _read_numeric(folder / "ratings.dat", ["user_id", "movie_id", "rating", "timestamp"], sep=":", header=False,
                       usecols=[0, 2, 4, 6])
@@ -173,7 +200,9 @@ def _read_1m(folder: Path):
         ids.append(f[0]); titles.append(f[1]); genres.append(_genres(f[2], "|"))
     return r, _movies_frame(folder / "movies.dat", ids, titles, genres), (1.0, 5.0), folder / "ratings.dat", False
 
+# %% ../nbs/01_data.ipynb #f5b1ed19
 def _read_csv(folder: Path):
+    "The CSV releases (latest-small, 25M, 32M): `ratings.csv` and `movies.csv` with headers, half stars."
     r = _read_numeric(folder / "ratings.csv", ["userId", "movieId", "rating", "timestamp"])
     r.columns = ["user_id", "movie_id", "rating", "timestamp"]
     path = folder / "movies.csv"
@@ -183,7 +212,9 @@ def _read_csv(folder: Path):
     if m.empty: raise MovierecError(f"{path} has a header but no movies; download the dataset again.")
     return r, _movies_frame(path, m.movieId, m.title, [_genres(g, "|") for g in m.genres]), (0.5, 5.0), folder / "ratings.csv", True
 
+# %% ../nbs/01_data.ipynb #44ac4532
 def _read_recbole(folder: Path):
+    "RecBole's atomic files: `NAME.inter` and `NAME.item`, tab-separated with typed headers."
     inter = sorted(folder.glob("*.inter"))[0]
     r = _read_numeric(inter, ["user_id", "item_id", "rating", "timestamp"], sep="\t")
     r.columns = ["user_id", "movie_id", "rating", "timestamp"]
@@ -201,6 +232,7 @@ def _read_recbole(folder: Path):
     scale = (0.5, 5.0) if (r.rating % 1 != 0).any() else (1.0, 5.0)
     return r, _movies_frame(item, ids, titles, [_genres(g, " ") for g in genres], years), scale, inter, True
 
+# %% ../nbs/01_data.ipynb #ec12dc27
 LAYOUTS = {"grouplens-100k": ("u.data", _read_100k), "grouplens-1m": ("ratings.dat", _read_1m),
            "csv": ("ratings.csv", _read_csv), "recbole": ("*.inter", _read_recbole)}
 
@@ -213,6 +245,7 @@ def detect_format(folder: Path) -> str:
 
 # %% ../nbs/01_data.ipynb #92ebae15
 def _validate(r: pd.DataFrame, movies: pd.DataFrame, scale, path: Path, header: bool, notes: list) -> pd.DataFrame:
+    "Ratings in the canonical dtypes, checked (whole ids, scale, known movies), the latest of duplicates kept."
     for col in ("user_id", "movie_id", "timestamp"):
         v = r[col].to_numpy()
         bad = (v % 1 != 0) | (v < 0)
@@ -247,7 +280,6 @@ def _validate(r: pd.DataFrame, movies: pd.DataFrame, scale, path: Path, header: 
 # %% ../nbs/01_data.ipynb #4fffde76
 def load_movielens(path_or_name, download: bool = False) -> MovieLens:
     "Load a MovieLens folder (any layout) or a dataset name into the canonical schema, validated."
-    from movierec.assets import GROUPLENS_NAMES, fetch_grouplens, ml100k_path
     p = Path(path_or_name).expanduser()
     if p.is_dir(): folder = p
     elif str(path_or_name) == "ml-100k": folder = ml100k_path()
@@ -266,20 +298,6 @@ def load_movielens(path_or_name, download: bool = False) -> MovieLens:
     name = rpath.stem if fmt == "recbole" else folder.name
     log.info("loaded %s (%s layout): %s ratings, %s movies", name, fmt, f"{len(ratings):,}", f"{len(movies):,}")
     return MovieLens(name=name, ratings=ratings, movies=movies, scale=scale, path=folder, notes=notes)
-
-# %% ../nbs/01_data.ipynb #289b3c5c
-def write_grouplens_100k(ml: MovieLens, folder: Path, users=None) -> Path:
-    "Write `ml` (or some of its users) in GroupLens' 100K layout: `u.data` and latin-1 `u.item` with genre flags."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    r = ml.ratings if users is None else ml.ratings[ml.ratings.user_id.isin(users)]
-    r.assign(rating=r.rating.astype(int)).to_csv(folder / "u.data", sep="\t", header=False, index=False)
-    lines = []
-    for m in ml.movies.itertuples():
-        title = m.title if pd.isna(m.year) else f"{m.title} ({m.year})"
-        flags = ["1" if (g in m.genres or (g == "unknown" and not m.genres)) else "0" for g in ML100K_GENRES]
-        lines.append("|".join([str(m.movie_id), title, "", "", ""] + flags))
-    (folder / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1", errors="replace"))
-    return folder
 
 # %% ../nbs/01_data.ipynb #f614e384
 SPLITS = ("train", "val", "test")

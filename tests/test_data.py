@@ -1,6 +1,7 @@
 """Loading every MovieLens layout, the bad-input errors, the leakage-free split and the example files."""
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,11 @@ import pytest
 
 from movierec.core import MovierecError
 from movierec.data import detect_format, load_movielens, split_by_time, write_grouplens_100k
-from movierec.prompts import (RATING_PREFIX, build_examples, examples_seed_way, load_prepared, prepare,
+from movierec.prompts import (RATING_PREFIX, PrepareConfig, build_examples, load_prepared, prepare, prompt_context,
                               prompts_for_user)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from dataprep import examples_seed_way  # the seed's way: one filter and one merge per example, the slow reference
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +243,7 @@ def test_no_leakage_on_ml100k(ml, sr, ex):
 
 def test_vectorized_matches_seed_way(ml, sr, ex):
     "The vectorized builder and the one-filter-per-example reference give the same prompts, train included."
-    ref = examples_seed_way(ml, sr, [1, 2, 7, 13, 500], splits=("train", "val", "test"), min_history=10)
+    ref = examples_seed_way(ml, sr, [1, 2, 7, 13, 500], PrepareConfig(min_history=10), splits=("train", "val", "test"))
     allx = pd.concat([ex[k] for k in ("train", "val", "test")])
     got = allx.merge(ref, on=["user_id", "movie_id", "timestamp"], suffixes=("", "_ref"))
     assert len(got) >= 250 and (got.prompt == got.prompt_ref).all()
@@ -247,6 +251,10 @@ def test_vectorized_matches_seed_way(ml, sr, ex):
     n_train_ref = ref.merge(sr[sr.split == "train"], on=["user_id", "movie_id", "timestamp"]).groupby("user_id").size()
     n_train = ex["train"][ex["train"].user_id.isin(n_train_ref.index)].groupby("user_id").size()
     assert (n_train == np.minimum(n_train_ref, 50)).all()
+    # the first 20 users' validation and test targets, every one of them (moved from the prompts notebook)
+    ref = examples_seed_way(ml, sr, range(1, 21))
+    got = pd.concat([ex["val"], ex["test"]]).merge(ref, on=["user_id", "movie_id", "timestamp"], suffixes=("", "_ref"))
+    assert len(got) == len(ref) > 50 and (got.prompt == got.prompt_ref).all()
 
 
 def test_examples_shape(ml, sr, ex):
@@ -263,19 +271,21 @@ def test_examples_shape(ml, sr, ex):
     ms = build_examples(ml, sr.assign(timestamp=sr.timestamp * 1000), splits=("test",))
     assert (ms["test"].prompt.values == ex["test"].prompt.values).all()
     # the seed picks which training windows are kept; it changes nothing else
-    other = build_examples(ml, sr, seed=1, splits=("train", "test"))
+    other = build_examples(ml, sr, PrepareConfig(seed=1), splits=("train", "test"))
     pairs = lambda df: set(zip(df.user_id, df.movie_id))
     assert len(other["train"]) == len(ex["train"]) and pairs(other["train"]) != pairs(ex["train"])
     assert (other["test"].prompt.values == ex["test"].prompt.values).all()
 
 
 def test_seed_template_and_reasoning(ml, sr):
-    s = build_examples(ml, sr[sr.user_id <= 5], template="seed", splits=("test",), reasoning=True)["test"]
+    s = build_examples(ml, sr[sr.user_id <= 5], PrepareConfig(template="seed"), splits=("test",), reasoning=True)["test"]
     p = s.prompt.iloc[0]
     assert "User Profile:" in p and p.endswith("- Plot: Not available") and "- Title: " in p
     assert s.response.str.match(r"Rating Prediction: [1-5]/5\nReasoning: .+\nConfidence: (High|Medium|Low)$").all()
     with pytest.raises(MovierecError, match="Unknown prompt template"):
-        build_examples(ml, sr, template="fancy")
+        build_examples(ml, sr, PrepareConfig.build({"template": "fancy"}))
+    with pytest.raises(MovierecError, match="Unknown prompt template"):
+        prompt_context(ml, sr, "fancy")
 
 
 def test_prompts_for_user(ml, sr, ex):
@@ -289,7 +299,7 @@ def test_prompts_for_user(ml, sr, ex):
 
 def test_prepare_and_load_prepared(ml, ex, tmp_path):
     out = tmp_path / "data"
-    meta = prepare("ml-100k", out)
+    meta = prepare(PrepareConfig(dataset="ml-100k"), out)
     assert sorted(p.name for p in out.iterdir()) == ["data.json", "movies.parquet", "ratings.parquet",
                                                       "test.parquet", "train.parquet", "val.parquet"]
     d = load_prepared(out)
