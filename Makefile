@@ -9,7 +9,7 @@ PARAMS ?= params/default.yaml
 RUN ?= runs/default
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test lab bench clean-venv
+.PHONY: setup run test lab bench clean-venv docs
 
 $(STAMP): requirements.lock setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ run: setup
 test: setup
 	$(BIN)/nbdev_test --n_workers 1 --do_print
 	$(BIN)/python -m pytest -q tests
+
+# the documentation site in _docs/: every notebook as committed (outputs included, nothing executed)
+docs: $(STAMP)
+	$(BIN)/python tools/build_docs.py --out _docs
 
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=nbs
