@@ -1,6 +1,6 @@
 """Rating predictions per second from Ollama: our API path against the seed's way, same model, same prompts, one run.
 
-- API: `deploy.ollama_predict`: one generated token per prompt with `top_logprobs=20`, raw text, concurrent requests.
+- API: `serve.ollama_predict`: one generated token per prompt with `top_logprobs=20`, raw text, concurrent requests.
 - seed: one `ollama run NAME "PROMPT"` process per example, free generation (at most --seed-new-tokens), the first
   digit 1-5 found by a regex.
 
@@ -20,20 +20,21 @@ from pathlib import Path
 # run as a script, this file's folder comes first on sys.path and its name would hide the `ollama` package
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from movierec.deploy import chat_template_of, create_model, export_adapter_gguf, export_base_gguf, base_gguf_of, ollama_predict
+from movierec.export import base_gguf_of, chat_template_of, export_adapter_gguf, export_base_gguf
 from movierec.model import load_tokenizer, read_adapter_meta
 from movierec.ollama_server import OllamaServer
+from movierec.prompts import PrepareConfig, prepare, read_examples
+from movierec.serve import create_model, ollama_predict
 
 RATING = re.compile(r"[1-5]")
 
 
 def test_prompts(data: str | None, n: int, seed: int) -> list[str]:
     "n test prompts: from a prepared folder, else ML-100K prepared into a temporary folder."
-    from movierec.prompts import load_prepared, prepare
     if data is None:
         data = tempfile.mkdtemp(prefix="movierec-bench-data-")
-        prepare("ml-100k", data)
-    test = load_prepared(data)["test"]
+        prepare(PrepareConfig(dataset="ml-100k"), data)
+    test = read_examples(data, "test")
     return test.sample(min(n, len(test)), random_state=seed).prompt.tolist()
 
 

@@ -3,8 +3,8 @@
     flock /tmp/movierec-cpu.lock .venv/bin/python bench/score.py [--n 48] [--candidates 50]
 
 1. Predictions per second of the probability method (`score_prompts`: one forward pass, the
-   logits of the last position) against generate-and-parse (`generate_and_parse`: greedy
-   generation, then a regex) on the same model (SmolLM2 by default) and the same test prompts of
+   logits of the last position) against generate-and-parse (`generate_and_parse`, defined here:
+   the seed's greedy generation, then a regex) on the same model (SmolLM2 by default) and the same test prompts of
    ML-100K, in this one run; goal >= 10x. Generation is timed twice: the seed's configuration (one
    prompt at a time, the whole response: `--seed-new-tokens`) and our batched one (batch 8, 16 new
    tokens, the most favourable to generation). float32 and bf16 autocast are both timed for the
@@ -14,18 +14,59 @@
    difference between the two.
 """
 import argparse
+import re
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from movierec.core import seed_everything
 from movierec.data import load_movielens, split_by_time
 from movierec.model import load_base, model_input
-from movierec.prompts import load_prepared, prepare, prompts_for_user
-from movierec.score import generate_and_parse, score_candidates, score_prompts
+from movierec.prompts import PrepareConfig, load_prepared, prepare, prompts_for_user
+from movierec.score import score_candidates, score_prompts
+# the scorer's own tokenising, padding and batching, so that both methods see the same inputs
+from movierec.score import _batches, _device, _encode, _left_pad, _pad_id, _progress
+
+# The seed's method, kept here as the comparator: greedy generation after `Rating Prediction: `, read by a
+# regular expression. `parse_rating` looks first for `Rating Prediction: N`, then for a number at the very
+# start of the text (what follows the `Rating Prediction: ` already in the input), then for `N/5` anywhere.
+# An answer with no rating is None: a parse failure, never turned into a 3.
+_NUM = r"([1-5](?:\.\d+)?)(?![\d.]*\d)"
+_RATING_PATTERNS = [re.compile(r"Rating\s*Prediction\s*:\s*" + _NUM, re.I),
+                    re.compile(r"^\s*\**\s*" + _NUM),
+                    re.compile(r"(?<![\d.])" + _NUM + r"\s*(?:/\s*5|out of 5)(?!\d)", re.I)]
+
+
+def parse_rating(text: str | None) -> float | None:
+    "The rating (1-5) a generated text states, or None when it states none."
+    if not text: return None
+    for pat in _RATING_PATTERNS:
+        if m := pat.search(text): return float(m.group(1))
+    return None
+
+
+def generate_and_parse(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 8,
+                       progress: bool = True) -> pd.DataFrame:
+    "The seed's method: greedy generation after `Rating Prediction: `, then `parse_rating`; `pred` is NaN when unparseable."
+    enc = _encode(tokenizer, prompts)
+    texts: list[str] = [""] * len(enc)
+    order = np.argsort([len(e) for e in enc], kind="stable")
+    dev = _device(model)
+    with torch.inference_mode():
+        for batch in _progress(_batches(order, batch_size), progress, "generating"):
+            input_ids, mask = _left_pad([enc[i] for i in batch], _pad_id(tokenizer))
+            out = model.generate(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=_pad_id(tokenizer),
+                                 eos_token_id=tokenizer.eos_token_id)
+            for i, row in zip(batch, out[:, input_ids.shape[1]:].tolist()):
+                texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+    pred = [parse_rating(t) for t in texts]
+    return pd.DataFrame({"pred": np.array([np.nan if p is None else p for p in pred], dtype=float), "text": texts})
 
 
 def timed(fn, *args, **kw):
@@ -50,7 +91,7 @@ def main():
 
     ml = load_movielens("ml-100k")
     with tempfile.TemporaryDirectory() as d:
-        prepare(ml, Path(d), max_per_user=1)
+        prepare(PrepareConfig(max_per_user=1, seed=0), Path(d), ml=ml)
         test = load_prepared(d)["test"].sample(n=args.n, random_state=0)
     prompts = test.prompt.tolist()
     model, tok = load_base(args.base_model)

@@ -5,8 +5,9 @@
 
 The seed padded every example to 2048 tokens and put the loss on the whole sequence (fp32, full
 logits). movierec pads per batch (left), computes logits only for the rating position, and uses
-bf16 autocast where it helps. Both train the same LoRA (r=16 on q/k/v/o) on the same examples
-(ML-100K compact prompts from `movierec.prompts.prepare`, the seeded sample `train` draws).
+bf16 autocast where it helps (`core.use_bf16`). Both train the same LoRA (`train.wrap_lora` with the
+default `TrainConfig`: r=16 on q/k/v/o) on the same examples (ML-100K compact prompts from
+`movierec.prompts.prepare`, the seeded sample `train.load_examples` draws).
 
 "Useful tokens" are the real (non-padding) tokens of the examples, prompt and answer, counted the
 same way for both, so their ratio is the ratio of examples per second. The seed runs its examples
@@ -16,7 +17,6 @@ are the real ones from its train.json.
 """
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -28,24 +28,21 @@ import numpy as np
 import torch
 
 from movierec.model import load_base, model_input
-from movierec.prompts import RATING_PREFIX, prepare
-from movierec.train import TrainConfig, _sample, read_split, tokenize_examples
+from movierec.prompts import RATING_PREFIX, PrepareConfig, prepare
+from movierec.train import TrainConfig, load_examples, tokenize_examples, wrap_lora
 
 OURS = """
 import json, sys
 from movierec.train import TrainConfig, train
-cfg = TrainConfig(**json.loads(sys.argv[3]))
-res = train(sys.argv[1], sys.argv[2], base_model=None if sys.argv[4] == "default" else sys.argv[4], config=cfg)
+res = train(sys.argv[1], sys.argv[2], TrainConfig(**json.loads(sys.argv[3])), progress=False)
 print("RESULT " + json.dumps(res))
 """
 
 
-def seed_step_time(model, tok, prompts, responses, seq_len=2048, grad_accum=8):
+def seed_step_time(model, tok, prompts, responses, cfg: TrainConfig, seq_len=2048, grad_accum=8):
     "The seed's way: right-pad each example to `seq_len`, labels = the whole sequence (padding masked), fp32."
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(0)
-    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=2e-4)
+    peft = wrap_lora(model, cfg)
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=cfg.learning_rate)
     peft.train()
     times, useful = [], 0
     for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -72,22 +69,22 @@ def main():
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        prepare("ml-100k", d / "data")
-        cfg = TrainConfig(max_examples=args.examples, max_val_examples=0, batch_size=args.batch_size, epochs=1,
-                          save_steps=10_000, logging_steps=1, progress_bar=False)
+        prepare(PrepareConfig(dataset="ml-100k", seed=0), d / "data")
+        cfg = TrainConfig(base_model=None if args.base_model == "default" else args.base_model, train_examples=args.examples,
+                          val_examples=0, batch_size=args.batch_size, epochs=1, save_steps=10_000, logging_steps=1)
         print(f"ours: movierec.train.train on {args.examples} examples, batch {args.batch_size} (subprocess)", flush=True)
-        res = subprocess.run([sys.executable, "-c", OURS, str(d / "data"), str(d / "ours"), json.dumps(cfg.to_dict()), args.base_model],
+        res = subprocess.run([sys.executable, "-c", OURS, str(d / "data"), str(d / "ours"), cfg.model_dump_json()],
                              capture_output=True, text=True)
         if res.returncode != 0: sys.exit(res.stderr[-3000:])
         ours = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("RESULT "))[7:])
 
         # the same examples, in the same seeded sample `train` draws
-        df = _sample(read_split(d / "data", "train"), args.examples, cfg.seed)
-        model, tok = load_base(None if args.base_model == "default" else args.base_model, device="cpu")
-        ids, n_in = tokenize_examples(tok, df.prompt, df.response)
+        df, _ = load_examples(d / "data", cfg)
+        model, tok = load_base(cfg.base_model, device="cpu")
+        ids, _ = tokenize_examples(tok, df.prompt, df.response)
         useful_per_example = float(np.mean([len(x) for x in ids]))      # prompt + answer + eos, no padding
         print(f"seed: {args.seed_examples} of those examples padded to 2048, loss over the whole sequence, fp32", flush=True)
-        seed_s, seed_tokens = seed_step_time(model, tok, df.prompt[:args.seed_examples], df.response[:args.seed_examples])
+        seed_s, seed_tokens = seed_step_time(model, tok, df.prompt[:args.seed_examples], df.response[:args.seed_examples], cfg)
 
     ours_eps, seed_eps = ours["examples_per_s"], args.seed_examples / seed_s
     print()

@@ -99,10 +99,8 @@ class Params(BaseModel):
         return self.from_flat({**self.flat(), **knobs}, source="replace()")
 
     def resolve(self, device: str) -> "Params":
-        "Concrete sizes for `device`: 'auto' means a CPU-sized run, or everything on a GPU."
-        gpu = str(device).startswith("cuda")
-        auto = lambda v, cpu: (None if gpu else cpu) if v == "auto" else v
-        return self.replace(train_examples=auto(self.train.train_examples, 1200), eval_sample=auto(self.evaluate.eval_sample, 300))
+        "Concrete sizes for `device`: each section resolves its own 'auto' knobs (a CPU-sized run, or everything on a GPU)."
+        return self.model_copy(update={s: getattr(self, s).resolved(device) for s in SECTIONS if hasattr(SECTIONS[s], "resolved")})
 
     def digest(self, sections=None) -> str:
         "A short hash of the knobs of `sections` (all by default): resume compares it to skip unchanged stages."

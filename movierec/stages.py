@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from .core import MovierecError, RunLayout, get_logger, pick_device
-from .deploy import deploy
+from .core import data_dir as assets_dir   # `data_dir` names a run's prepared data here
+from .deploy import GGUF_FILES, deploy
 from .evaluate import evaluate
 from .params import Params
 from .prompts import prepare, read_examples
@@ -19,8 +20,8 @@ from .train import train
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'load_run', 'use_device', 'prepare_stage', 'train_stage', 'parity_prompts', 'deploy_stage', 'ollama_client',
-           'evaluate_stage', 'recommend_for']
+__all__ = ['log', 'load_run', 'use_device', 'prepare_stage', 'train_stage', 'parity_prompts', 'deploy_stage', 'evaluate_stage',
+           'recommend_for']
 
 # %% ../nbs/10_stages.ipynb #ca0b4e5c
 def load_run(run_dir: str | Path) -> tuple[Params, RunLayout]:
@@ -61,36 +62,27 @@ def deploy_stage(p: Params, adapter_dir: str | Path, gguf_dir: str | Path, data_
     return deploy(Path(adapter_dir), Path(gguf_dir), p.deploy, parity_prompts=prompts)
 
 # %% ../nbs/10_stages.ipynb #1bdce186
-@contextlib.contextmanager
-def ollama_client(p: Params):
-    "A client of the Ollama at `ollama_host` ('auto': a private server, stopped on exit)."
-    import ollama
-    from movierec.ollama_server import connect_or_start
-    host, server = connect_or_start(None if p.deploy.ollama_host == "auto" else p.deploy.ollama_host)
-    try: yield server.client() if server else ollama.Client(host=host)
-    finally:
-        if server: server.stop()
-
 def _ollama_predictor(p: Params, gguf: Path, adapter_dir: Path, client):
     "The run's deployed model as a predictor, created from its GGUF export when there is one."
     from movierec.model import load_tokenizer, read_adapter_meta
     from movierec.serve import OllamaPredictor, create_model
     name = p.deploy.model_name
     if (gguf / "deploy.json").exists():
-        create_model(client, name, gguf / "base-f16.gguf", gguf / "adapter.gguf", overwrite=True)
+        create_model(client, name, gguf / GGUF_FILES["base"], gguf / GGUF_FILES["adapter"], overwrite=True)
     elif not any(m.model.split(":")[0] == name for m in client.list().models):
         raise MovierecError(f"Ollama has no model {name!r} and {gguf} holds no export; run the deploy stage first.")
     return OllamaPredictor(client, name, load_tokenizer(read_adapter_meta(adapter_dir)["base_model"]))
 
 def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter_dir: str | Path | None = None) -> dict:
     "Score the same test ratings with every model, rank for sampled users, and write metrics.json to `out_dir`."
-    from movierec.classic import fit_baselines
+    from movierec.classic import fit_classic
     from movierec.model import load_adapter, load_base
     from movierec.recommend import ranking_metrics
     from movierec.score import LMPredictor
+    from movierec.serve import ollama_client
     use_device(p.evaluate.device)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    classic = fit_baselines(read_examples(data_dir, "ratings", columns=["user_id", "movie_id", "rating", "split"]), seed=p.evaluate.seed)
+    classic = fit_classic(read_examples(data_dir, "ratings", columns=["user_id", "movie_id", "rating", "split"]), seed=p.evaluate.seed)
     predictors, ranking = list(classic.values()), None
     if adapter_dir is not None:
         model, tokenizer = load_adapter(adapter_dir)
@@ -102,7 +94,8 @@ def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter
         predictors.append(LMPredictor(model, tokenizer, "zero_shot"))
     with contextlib.ExitStack() as stack:
         if p.deploy.deploy and adapter_dir is not None:
-            client = stack.enter_context(ollama_client(p))
+            # a lasting models folder: blobs an earlier stage or run uploaded are found by digest
+            client, _ = stack.enter_context(ollama_client(p.deploy.ollama_host, models_dir=assets_dir() / "ollama-models"))
             predictors.append(_ollama_predictor(p, RunLayout(out_dir).gguf, Path(adapter_dir), client))
         return evaluate(p.evaluate, data_dir, out_dir, predictors, ranking=ranking)
 

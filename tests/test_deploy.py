@@ -6,30 +6,12 @@ import numpy as np
 import pytest
 
 from movierec.core import MovierecError
+from movierec.export import random_adapter   # a PEFT LoRA with SmolLM2-135M's shapes and random non-zero B
 from movierec.ollama_server import free_port
 
 # A title that a shell would execute: it must reach the model as plain text and run nothing.
 CANARY = Path("/tmp/movierec-deploy-pwned")
 NASTY = f'"; rm -rf ~; echo " `touch {CANARY}` $(touch {CANARY}) | tee {CANARY} & ;'
-
-
-def random_adapter(folder: Path, base_gguf: Path, targets=("q_proj", "k_proj", "v_proj", "o_proj"), layers=30, std=0.02, **lora) -> Path:
-    "A PEFT LoRA with SmolLM2-135M's shapes (no weights loaded) and random non-zero B: a real, visible change."
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
-    with torch.device("meta"): model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu")
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), **lora))
-    for n, p in peft.named_parameters():
-        if "lora_A" in n: torch.nn.init.normal_(p, std=1 / 24)
-        if "lora_B" in n: torch.nn.init.normal_(p, std=std)
-    peft.save_pretrained(folder)
-    (folder / "movierec.json").write_text(json.dumps({"base_model": str(base_gguf)}))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +32,12 @@ def ml_prompts(ml100k_dir):
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory, base_gguf, ml_prompts, ollama_server):
     "`deploy` into the session's Ollama, with the parity check on the ML-100K prompts."
-    from movierec.deploy import deploy
+    from movierec.deploy import DeployConfig, deploy
     tmp = tmp_path_factory.mktemp("deploy")
     adapter = random_adapter(tmp / "adapter", base_gguf)
     CANARY.unlink(missing_ok=True)
-    res = deploy(adapter, tmp / "gguf", name="movierec-test", host=ollama_server.host, parity_prompts=ml_prompts, concurrency=2,
-                 peft_import=True)
+    res = deploy(adapter, tmp / "gguf", DeployConfig(model_name="movierec-test", ollama_host=ollama_server.host),
+                 parity_prompts=ml_prompts, concurrency=2)
     yield res, adapter, tmp / "gguf"
     client = ollama_server.client()
     for m in res["models"].values():
@@ -65,7 +47,7 @@ def deployed(tmp_path_factory, base_gguf, ml_prompts, ollama_server):
 @pytest.mark.slow
 def test_deploy_exports_creates_and_matches_pytorch(deployed, ollama_server):
     from movierec.assets import sha256sum
-    from movierec.deploy import gguf_info
+    from movierec.export import gguf_info
     res, adapter, out = deployed
     on_disk = json.loads((out / "deploy.json").read_text())
     assert on_disk["parity"] == json.loads(json.dumps(res["parity"]))
@@ -84,21 +66,61 @@ def test_deploy_exports_creates_and_matches_pytorch(deployed, ollama_server):
         assert p["n"] == 8 and p["mean_abs_diff"] <= 0.05 and p["argmax_agreement"] >= 0.98, (kind, p)
 
 
+@pytest.fixture(scope="module")
+def torch_preds(deployed, ml_prompts):
+    "The PyTorch adapter's predictions on the ML-100K prompts, as `deploy`'s parity check makes them (float32)."
+    from movierec.model import load_adapter
+    from movierec.score import score_prompts
+    model, tok = load_adapter(deployed[1])
+    return score_prompts(model, tok, ml_prompts, progress=False, autocast=False)
+
+
 @pytest.mark.slow
-def test_ollama_own_import_of_the_peft_folder(deployed):
+def test_ollama_own_import_of_the_peft_folder(deployed, ollama_server, ml_prompts, torch_preds):
     "Ollama 0.21's import of the PEFT folder is wrong for llama q/k; the workaround copy proves the diagnosis exact."
+    from ollama_import import create_ollama_imports
+    from movierec.model import smollm2_tokenizer
+    from movierec.serve import ollama_predict, parity
     res, adapter, out = deployed
-    fixed, raw = res["parity"]["peft_import_workaround"], res["parity"]["peft_import"]
+    client, tok = ollama_server.client(), smollm2_tokenizer()
+    models = create_ollama_imports(client, "movierec-test", adapter, out / "base-f16.gguf", out / "ollama-import")
+    try:
+        preds = {kind: ollama_predict(client, m, ml_prompts, tok, concurrency=2, num_ctx=res["num_ctx"])
+                 for kind, m in {**models, "ours": res["models"]["adapter"]}.items()}
+    finally:
+        for m in models.values(): client.delete(m)
+    fixed, raw = parity(preds["peft_import_workaround"], torch_preds), parity(preds["peft_import"], torch_preds)
     assert fixed["n"] == raw["n"] == 8 and (out / "ollama-import" / "adapter_model.safetensors").is_file()
     assert fixed["mean_abs_diff"] <= 0.05 and fixed["argmax_agreement"] >= 0.98, fixed
     assert raw["mean_abs_diff"] > 3 * fixed["mean_abs_diff"], f"Ollama now imports the folder right ({raw}): drop the workaround"
+    # the copy's import and our GGUF are the same adapter, up to the last bits of the kernels
+    same = parity(preds["peft_import_workaround"], preds["ours"])
+    assert same["mean_abs_diff"] < 0.01 and same["argmax_agreement"] == 1, same
+
+
+def test_ollama_import_workaround_layout(tmp_path, base_gguf):
+    "The workaround copy: q/k lora_B permuted as in our GGUF, lora_A pre-shuffled so that Ollama's converter restores it."
+    from safetensors.numpy import load_file
+    from ollama_import import _ollama_lora_a_shuffle, ollama_import_workaround
+    from movierec.export import lora_tensors, permute_qk
+    a = np.arange(4 * 576, dtype=np.float32).reshape(4, 576)
+    assert np.array_equal(_ollama_lora_a_shuffle(_ollama_lora_a_shuffle(a, 9, inverse=True), 9), a)
+    assert np.array_equal(_ollama_lora_a_shuffle(a, 9).ravel(), permute_qk(a.reshape(576, 4), 9).ravel())
+    toy = random_adapter(tmp_path / "toy", base_gguf, layers=2, r=4, alpha=8)
+    tensors, _, _ = lora_tensors(toy)
+    orig = load_file(toy / "adapter_model.safetensors")
+    fixed = load_file(ollama_import_workaround(toy, tmp_path / "toy-for-ollama") / "adapter_model.safetensors")
+    k_b, q_a, v_b = (f"base_model.model.model.layers.1.self_attn.{m}.weight" for m in ("k_proj.lora_B", "q_proj.lora_A", "v_proj.lora_B"))
+    assert np.array_equal(fixed[k_b], tensors["blk.1.attn_k.weight.lora_b"])            # B permuted as in our GGUF
+    assert np.array_equal(_ollama_lora_a_shuffle(fixed[q_a], 9), orig[q_a])              # A comes out of the converter as it was
+    assert np.array_equal(fixed[v_b], orig[v_b]) and fixed.keys() == orig.keys()         # v, o untouched
 
 
 @pytest.mark.slow
 def test_adapter_changes_ratings_and_titles_are_harmless(deployed, ollama_server, ml_prompts):
     "The parity above is not that of a no-op adapter; the shell-metacharacter title was rated and ran nothing."
-    from movierec.deploy import create_model, ollama_predict
     from movierec.model import smollm2_tokenizer
+    from movierec.serve import create_model, ollama_predict
     res, adapter, out = deployed
     client, tok = ollama_server.client(), smollm2_tokenizer()
     create_model(client, "movierec-test-base", out / "base-f16.gguf", overwrite=True)
@@ -114,7 +136,8 @@ def test_adapter_changes_ratings_and_titles_are_harmless(deployed, ollama_server
 @pytest.mark.slow
 def test_modelfile_and_api_keep_metacharacters(tmp_path, ollama_server, deployed):
     "The same text goes through the Modelfile and `create` unchanged: SYSTEM comes back as written."
-    from movierec.deploy import create_model, write_modelfile
+    from movierec.export import write_modelfile
+    from movierec.serve import create_model
     res, adapter, out = deployed
     system = f"You rate movies. Never run {NASTY}"
     mf = write_modelfile(tmp_path, out / "base-f16.gguf", out / "adapter.gguf", system=system)
@@ -129,7 +152,7 @@ def test_modelfile_and_api_keep_metacharacters(tmp_path, ollama_server, deployed
 
 @pytest.mark.slow
 def test_name_taken_without_overwrite(deployed, ollama_server):
-    from movierec.deploy import create_model
+    from movierec.serve import create_model
     res, adapter, out = deployed
     with pytest.raises(MovierecError, match="already has a model named 'movierec-test'.*overwrite"):
         create_model(ollama_server.client(), "movierec-test", out / "base-f16.gguf", out / "adapter.gguf")
@@ -137,12 +160,12 @@ def test_name_taken_without_overwrite(deployed, ollama_server):
 
 def test_unreachable_server_says_how_to_start_one(tmp_path):
     import ollama
-    from movierec.deploy import create_model, deploy
+    from movierec.ollama_server import connect_or_start
+    from movierec.serve import create_model
     dead = ollama.Client(host=f"http://127.0.0.1:{free_port()}", timeout=5)
     with pytest.raises(MovierecError, match="No Ollama server answers.*ollama serve"):
         create_model(dead, "x", "smollm2:135m")
     with pytest.raises(MovierecError, match="No Ollama answers at"):
-        from movierec.ollama_server import connect_or_start
         connect_or_start(f"127.0.0.1:{free_port()}")
 
 
@@ -153,7 +176,7 @@ def test_unreachable_server_says_how_to_start_one(tmp_path):
     (("q_proj",), {"modules_to_save": ["lm_head"]}, "modules_to_save"),
 ])
 def test_unsupported_adapters_are_refused(tmp_path, base_gguf, targets, lora, match):
-    from movierec.deploy import export_adapter_gguf
+    from movierec.export import export_adapter_gguf
     ad = random_adapter(tmp_path / "ad", base_gguf, targets=targets, layers=1, **lora)
     with pytest.raises(MovierecError, match=match):
         export_adapter_gguf(ad, tmp_path / "adapter.gguf")
@@ -162,7 +185,8 @@ def test_unsupported_adapters_are_refused(tmp_path, base_gguf, targets, lora, ma
 
 def test_wrong_base_and_architecture_are_refused(tmp_path, base_gguf):
     import gguf
-    from movierec.deploy import create_model, export_adapter_gguf
+    from movierec.export import export_adapter_gguf
+    from movierec.serve import create_model
     ad = random_adapter(tmp_path / "ad", base_gguf, layers=1)
     phi = tmp_path / "phi3.gguf"
     w = gguf.GGUFWriter(phi, "phi3"); w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 4), np.float32))
@@ -173,7 +197,6 @@ def test_wrong_base_and_architecture_are_refused(tmp_path, base_gguf):
     with pytest.raises(MovierecError, match="is for 'llama' but the base phi3.gguf is 'phi3'"):
         create_model(object(), "x", phi, tmp_path / "a.gguf")
     # an adapter trained on a model of other shapes (hidden 64) does not fit SmolLM2
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
     small = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

@@ -3,16 +3,20 @@ PyTorch and Ollama paths share one distribution, prefix reuse equals full scorin
 `evaluate` writes a comparable table for baselines and language models on the same ratings."""
 import json
 import math
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from movierec.core import MovierecError
-from movierec.evaluate import add_to_metrics, evaluate, fit_baselines, metrics_table, rating_metrics
-from movierec.score import (distribution_from_top_logprobs, generate_and_parse, parse_rating, rating_distribution,
-                            score_candidates, score_prompts)
+from movierec.classic import fit_classic
+from movierec.core import MOVIEREC_JSON, PROJECT_ROOT, MovierecError
+from movierec.evaluate import EvaluateConfig, KnownPredictions, evaluate, metrics_table, rating_metrics, sample_targets
+from movierec.score import LMPredictor, distribution_from_top_logprobs, rating_distribution, score_candidates, score_prompts
+
+sys.path.insert(0, str(PROJECT_ROOT / "bench"))  # the seed's generate-and-parse is a benchmark comparator
+from score import generate_and_parse, parse_rating  # noqa: E402  (bench/score.py)
 
 P = ["p1", "p2", "p3", "p4", "p5"]
 
@@ -26,9 +30,9 @@ def ml100k(ml100k_dir):
 @pytest.fixture(scope="module")
 def prepared(ml100k, tmp_path_factory):
     "ML-100K prepared with the default (compact) template; few training windows, every test target."
-    from movierec.prompts import prepare
+    from movierec.prompts import PrepareConfig, prepare
     out = tmp_path_factory.mktemp("data")
-    prepare(ml100k, out, max_per_user=1)
+    prepare(PrepareConfig(max_per_user=1, seed=0), out, ml=ml100k)
     return out
 
 
@@ -52,19 +56,19 @@ def test_baselines_learn_from_training_ratings_only(prepared):
     from movierec.prompts import load_prepared
     d = load_prepared(prepared)
     r, test = d["ratings"], d["test"]
-    b = fit_baselines(r)
+    b = fit_classic(r)
     train = r[r.split == "train"]
     # every movie mean is the mean of its training ratings, never touched by its val/test ratings
     movies = test.movie_id.to_numpy()[:200]
     want = train.groupby("movie_id").rating.mean().reindex(movies).fillna(train.rating.mean()).to_numpy()
-    assert np.allclose(b["movie_mean"].predict(np.zeros(len(movies)), movies), want)
-    assert np.isclose(b["global_mean"].predict([1], [1])[0], train.rating.mean())
+    assert np.allclose(b["movie_mean"].predict_pairs(np.zeros(len(movies)), movies), want)
+    assert np.isclose(b["global_mean"].predict_pairs([1], [1])[0], train.rating.mean())
     # a rating that only the test split holds would move a model fitted on everything: not these
-    leaked = fit_baselines(r.assign(split="train"))
+    leaked = fit_classic(r.assign(split="train"))
     t = test.head(300)
-    assert not np.allclose(b["svd"].predict(t.user_id, t.movie_id), leaked["svd"].predict(t.user_id, t.movie_id))
+    assert not np.allclose(b["svd"].predict_pairs(t.user_id, t.movie_id), leaked["svd"].predict_pairs(t.user_id, t.movie_id))
     with pytest.raises(MovierecError, match="no training ratings"):
-        fit_baselines(r.assign(split="test"))
+        fit_classic(r.assign(split="test"))
 
 
 def test_ollama_top_logprobs_give_the_pytorch_distribution():
@@ -118,6 +122,28 @@ def test_prefix_reuse_equals_full_scoring_on_smollm2(smollm2, ml100k):
     assert full.pred.nunique() > 1, "different movies, different predictions"
 
 
+def test_parse_rating_reads_the_stated_rating_or_none():
+    "The seed's regex (bench/score.py): `Rating Prediction: N`, a number at the start, then `N/5` anywhere."
+    assert parse_rating("4/5\nReasoning: the user likes crime films") == 4.0
+    assert parse_rating("Rating Prediction: 3/5") == 3.0
+    assert parse_rating(" 4.5 out of 5") == 4.5
+    assert parse_rating("I think the user would give it 2/5.") == 2.0
+    assert parse_rating("10/10, a masterpiece") is None, "10 is not a 1"
+    assert parse_rating("The user has rated 123 movies.") is None
+    assert parse_rating("") is None and parse_rating(None) is None
+    assert parse_rating("Rating Prediction: 7/5") is None
+
+
+def test_generate_and_parse_marks_failures_nan_on_a_tiny_model():
+    from movierec.model import smollm2_tokenizer, tiny_llama
+    tok = smollm2_tokenizer()
+    prompts = ["Movie: Toy Story. Genres: Animation, Comedy.",
+               "The user liked Heat, Casino and Fargo; disliked Grease. Movie: Goodfellas (1990). Genres: Crime, Drama."]
+    gen = generate_and_parse(tiny_llama(tok, seed=0), tok, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    assert list(gen.columns) == ["pred", "text"] and len(gen) == 2
+    assert gen.pred.isna().sum() == sum(parse_rating(t) is None for t in gen.text), "failures are NaN, counted, never 3.0"
+
+
 @pytest.mark.slow
 def test_generate_and_parse_counts_failures_on_smollm2(smollm2, prepared):
     from movierec.prompts import load_prepared
@@ -140,49 +166,62 @@ def _check_schema(m: dict, n: int):
 
 
 @pytest.mark.slow
-def test_evaluate_zero_shot_smollm2_and_add_a_served_model(smollm2, prepared, tmp_path):
+def test_evaluate_zero_shot_smollm2_and_a_served_model(smollm2, prepared, tmp_path):
+    from movierec.prompts import load_prepared
     model, tok = smollm2
     out = tmp_path / "eval"
-    res = evaluate(prepared, out, sample=40, seed=1, model=model, tokenizer=tok, progress=False)
-    assert [e["model"] for e in res["models"]] == ["global_mean", "user_mean", "movie_mean", "bias", "svd", "zero_shot"]
+    cfg = EvaluateConfig(eval_sample=40, seed=1)
+    data = load_prepared(prepared)
+    classic = list(fit_classic(data["ratings"], seed=cfg.seed).values())
+    # a served model's predictions, made elsewhere for the same sampled ratings (given in another order), one failure
+    targets = sample_targets(data["test"], cfg.eval_sample, cfg.seed)
+    served = targets[["user_id", "movie_id"]].assign(pred=np.linspace(1.5, 4.5, len(targets)))
+    served.loc[3, "pred"] = np.nan
+    predictors = [*classic, LMPredictor(model, tok, "zero_shot", progress=False),
+                  KnownPredictions("lora_ollama", "ollama", served.sample(frac=1, random_state=0))]
+    res = evaluate(cfg, prepared, out, predictors, progress=False)
+    assert [e["model"] for e in res["models"]] == ["global_mean", "user_mean", "movie_mean", "bias", "svd", "zero_shot",
+                                                   "lora_ollama"]
     on_disk = json.loads((out / "metrics.json").read_text())
     _check_schema(on_disk, 40)
     preds = pd.read_parquet(out / "predictions.parquet")
     assert len(preds) == 40 and preds.zero_shot.between(1, 5).all() and preds.zero_shot.nunique() > 1
-    # the predictions are SmolLM2's for these very prompts
-    from movierec.prompts import load_prepared
-    test = load_prepared(prepared)["test"].set_index(["user_id", "movie_id"])
-    again = score_prompts(model, tok, test.loc[list(zip(preds.user_id, preds.movie_id))].prompt.head(4).tolist(), progress=False)
-    assert np.allclose(again.pred, preds.zero_shot.head(4), atol=1e-4)
-    # a served model joins the same table, its failures counted; predictions for other ratings are refused
-    served = preds[["user_id", "movie_id"]].assign(pred=preds.zero_shot + 0.01)
-    served.loc[3, "pred"] = np.nan
-    res = add_to_metrics(out, "lora_ollama", "ollama", served.sample(frac=1, random_state=0))
+    # the predictions are SmolLM2's for these very prompts (all 40 scored again: the same batches, so the same
+    # padding, which moves bf16 results where core.use_bf16 turns autocast on)
+    test = data["test"].set_index(["user_id", "movie_id"])
+    again = score_prompts(model, tok, test.loc[list(zip(preds.user_id, preds.movie_id))].prompt.tolist(), progress=False)
+    assert np.allclose(again.pred.head(4), preds.zero_shot.head(4), atol=1e-4)
+    # the served model joins the same table, its failures counted; predictions for other ratings are refused
     row = res["models"][-1]
     assert row["model"] == "lora_ollama" and row["kind"] == "ollama" and row["metrics"]["parse_failures"] == 1 and row["n"] == 39
-    _check_schema(json.loads((out / "metrics.json").read_text()), 40)
     assert "lora_ollama" in metrics_table(res).index
     other = served.assign(movie_id=served.movie_id + 1)
     with pytest.raises(MovierecError, match="not for the ratings"):
-        add_to_metrics(out, "wrong", "ollama", other)
+        evaluate(cfg, prepared, out, [KnownPredictions("wrong", "ollama", other)], progress=False)
     assert len(json.loads((out / "metrics.json").read_text())["models"]) == 7
     assert len(list((out / "plots").glob("*.png"))) == 5
 
 
 def test_evaluate_with_an_adapter_scores_lora_and_its_base(prepared, tmp_path):
-    "adapter_dir: `lora` with the adapter, `zero_shot` the same base with it switched off (tiny Llama, seconds)."
+    "An adapter: `lora` with it, `zero_shot` the same base with it switched off (tiny Llama, seconds)."
     from peft import LoraConfig, get_peft_model
-    from movierec.model import smollm2_tokenizer, tiny_llama
+    from movierec.model import TINY, load_adapter, load_base, smollm2_tokenizer, tiny_llama
+    from movierec.prompts import load_prepared
     tok = smollm2_tokenizer()
     torch.manual_seed(0)
     peft = get_peft_model(tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter = tmp_path / "adapter"
     peft.save_pretrained(adapter)
-    (adapter / "movierec.json").write_text(json.dumps({"base_model": "tiny-llama"}))
-    res = evaluate(prepared, tmp_path / "eval", adapter_dir=adapter, sample=30, progress=False)
+    (adapter / MOVIEREC_JSON).write_text(json.dumps({"base_model": TINY}))
+    cfg = EvaluateConfig(eval_sample=30)
+    classic = list(fit_classic(load_prepared(prepared)["ratings"], seed=cfg.seed).values())
+    lm, lt = load_adapter(adapter)
+    res = evaluate(cfg, prepared, tmp_path / "eval", [*classic, LMPredictor(lm, lt, "lora", progress=False),
+                                                      LMPredictor(lm, lt, "zero_shot", adapter=False, progress=False)], progress=False)
     assert [e["model"] for e in res["models"]][-2:] == ["lora", "zero_shot"]
     preds = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
-    base = evaluate(prepared, tmp_path / "eval_base", base_model="tiny-llama", sample=30, progress=False)
+    bm, bt = load_base(TINY)
+    base = evaluate(cfg, prepared, tmp_path / "eval_base", [LMPredictor(bm, bt, "zero_shot", progress=False)], progress=False)
     base_preds = pd.read_parquet(tmp_path / "eval_base" / "predictions.parquet")
     assert np.allclose(preds.zero_shot, base_preds.zero_shot, atol=1e-5), "adapter off = the base model"
     assert not np.allclose(preds.lora, preds.zero_shot, atol=1e-4), "the adapter changes the predictions"

@@ -1,7 +1,8 @@
 """LoRA training: loss falls, labels mask the prompt, resume after SIGKILL, damaged checkpoints, DDP, SmolLM2.
 
 Everything but the last test runs on `tiny-llama` (a 2-layer random Llama with SmolLM2's vocabulary) and
-real ML-100K prompts from `movierec.prompts.prepare`, so the file takes about a minute.
+real ML-100K prompts from `movierec.prompts.prepare`, so the file takes about a minute. Runs that need a
+process of their own (killed mid-way, DDP) go through the real command line, `python -m movierec.cli train`.
 """
 import json
 import os
@@ -18,20 +19,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from movierec.core import MovierecError
-from movierec.model import RATING_PREFIX, TINY, model_input, rating_token_ids, smollm2_tokenizer, tiny_llama
+from movierec.core import MOVIEREC_JSON, MovierecError
+from movierec.model import TINY, model_input, rating_token_ids, smollm2_tokenizer, tiny_llama
+from movierec.prompts import RATING_PREFIX
 from movierec.train import Collator, TrainConfig, answer_loss, tokenize_examples, train
 
-HELPER = Path(__file__).with_name("train_helper.py")
 ENV = {**os.environ, "MOVIEREC_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+# the tiny runs' knobs: 12 steps of 8 with checkpoints at 4, 8, 12 and no validation (the final adapter is step 12's)
+TINY_RUN = dict(base_model=TINY, max_steps=12, save_steps=4, val_examples=0, learning_rate=0.02, batch_size=8,
+                save_total_limit=3, logging_steps=2)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ml100k_dir) -> Path:
     "128 training and 16 validation examples of real ML-100K prompts, in the layout `prepare` writes."
-    from movierec.prompts import load_prepared, prepare
+    from movierec.prompts import PrepareConfig, load_prepared, prepare
     full = tmp_path_factory.mktemp("ml100k")
-    prepare(ml100k_dir, full)
+    prepare(PrepareConfig(dataset=str(ml100k_dir), seed=0), full)
     d = load_prepared(full)
     small = tmp_path_factory.mktemp("small")
     d["train"].sample(128, random_state=0).reset_index(drop=True).to_parquet(small / "train.parquet")
@@ -39,24 +43,30 @@ def prepared(tmp_path_factory, ml100k_dir) -> Path:
     return small
 
 
-def run_helper(*args, env=None, check=True, **kw) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, str(HELPER), *map(str, args)], env={**ENV, **(env or {})},
-                         capture_output=True, text=True, timeout=300, **kw)
-    if check: assert res.returncode == 0, res.stderr[-3000:]
-    return res
+def cli_train_args(data, out, *extra, **knobs) -> list[str]:
+    "`movierec train` on `data` into `out` with the tiny runs' knobs (`knobs` override them), as command-line arguments."
+    flags = [a for k, v in {**TINY_RUN, **knobs}.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return ["-m", "movierec.cli", "train", "--data", str(data), "--out", str(out), *flags, *extra]
+
+
+def run_cli_train(data, out, *extra, **knobs) -> dict:
+    "Run `python -m movierec.cli train` to the end; its `train.json`."
+    res = subprocess.run([sys.executable, *cli_train_args(data, out, *extra, **knobs)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((Path(out) / "train.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def ref_run(prepared, tmp_path_factory) -> Path:
     "An uninterrupted 12-step run (checkpoints at 4, 8, 12; no validation, so the final adapter is step 12's)."
     out = tmp_path_factory.mktemp("ref") / "adapter"
-    run_helper(prepared, out, "--max-steps", 12, "--save-steps", 4, "--val", 0)
+    run_cli_train(prepared, out)
     return out
 
 
 def test_loss_falls_on_real_prompts(prepared, tmp_path):
-    cfg = TrainConfig(learning_rate=2e-2, max_steps=16, save_steps=8, logging_steps=2, max_val_examples=16, progress_bar=False)
-    res = train(prepared, tmp_path / "a", base_model=TINY, config=cfg)
+    cfg = TrainConfig(base_model=TINY, learning_rate=2e-2, max_steps=16, batch_size=8, save_steps=8, logging_steps=2, val_examples=16)
+    res = train(prepared, tmp_path / "a", cfg, progress=False)
     log = pd.read_csv(tmp_path / "a" / "loss.csv")
     first, last = log.loss.dropna().iloc[0], log.loss.dropna().iloc[-3:].mean()
     assert last < first - 2, log
@@ -64,7 +74,7 @@ def test_loss_falls_on_real_prompts(prepared, tmp_path):
     assert res["loss_tokens"] == res["examples_seen"] == 16 * 8       # the rating objective: one token per example
     assert res["tokens_seen"] > 100 * res["loss_tokens"]              # real prompts: ~220 tokens each, no padding counted
     assert res["max_length"] < 400 and (tmp_path / "a" / "loss.png").stat().st_size > 1000
-    meta = json.loads((tmp_path / "a" / "movierec.json").read_text())
+    meta = json.loads((tmp_path / "a" / MOVIEREC_JSON).read_text())
     assert meta["base_model"] == TINY and meta["objective"] == "rating" and meta["rating_prefix"] == RATING_PREFIX
 
 
@@ -110,11 +120,25 @@ def test_answer_loss_equals_full_computation(prepared):
         assert abs(got - want) < 1e-4, (got, want)
 
 
+SLOW_RUN = """
+import sys, time
+from transformers import TrainerCallback
+from movierec.train import TrainConfig, train
+
+class SlowSteps(TrainerCallback):
+    "Half a second after each step, so the test can kill the run between two checkpoints."
+    def on_step_end(self, args, state, control, **kw): time.sleep(0.5)
+
+train(sys.argv[1], sys.argv[2], TrainConfig(**{knobs!r}), callbacks=[SlowSteps()], progress=False)
+"""
+
+
 def test_resume_after_sigkill_matches_uninterrupted(prepared, ref_run, tmp_path):
-    out = tmp_path / "adapter"
-    proc = subprocess.Popen([sys.executable, str(HELPER), str(prepared), str(out), "--max-steps", "12", "--save-steps", "4", "--val", "0"],
-                            env={**ENV, "MOVIEREC_STEP_DELAY": "0.5"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker, t0 = out / "checkpoints" / "checkpoint-8" / "movierec.json", time.time()
+    out, script = tmp_path / "adapter", tmp_path / "slow_run.py"
+    script.write_text(SLOW_RUN.format(knobs=TINY_RUN))
+    proc = subprocess.Popen([sys.executable, str(script), str(prepared), str(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker, t0 = out / "checkpoints" / "checkpoint-8" / MOVIEREC_JSON, time.time()
     try:
         while not marker.exists():
             assert proc.poll() is None, "the run ended before it could be killed"
@@ -125,7 +149,7 @@ def test_resume_after_sigkill_matches_uninterrupted(prepared, ref_run, tmp_path)
         proc.kill(); proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "train.json").exists() and not (out / "checkpoints" / "checkpoint-12").exists()
-    res = json.loads(run_helper(prepared, out, "--max-steps", 12, "--save-steps", 4, "--val", 0, "--resume").stdout.strip().splitlines()[-1])
+    res = run_cli_train(prepared, out, "--resume")
     assert res["resumed_from"] == "checkpoint-8" and res["steps"] == 12
     a, b = load_file(ref_run / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
@@ -133,8 +157,7 @@ def test_resume_after_sigkill_matches_uninterrupted(prepared, ref_run, tmp_path)
 
 
 def _resume(data, out, **kw):
-    cfg = dict(learning_rate=2e-2, max_steps=12, save_steps=4, max_val_examples=0, save_total_limit=3, logging_steps=2, progress_bar=False)
-    return train(data, out, base_model=TINY, config=TrainConfig(**{**cfg, **kw}), resume=True)
+    return train(data, out, TrainConfig(**{**TINY_RUN, **kw}), resume=True, progress=False)
 
 
 def test_damaged_or_mismatched_checkpoint_is_a_clear_error(prepared, ref_run, tmp_path):
@@ -151,22 +174,22 @@ def test_damaged_or_mismatched_checkpoint_is_a_clear_error(prepared, ref_run, tm
     (out / "checkpoints" / "checkpoint-12" / "optimizer.pt").write_bytes(b"\0" * 100)
     with pytest.raises(MovierecError, match="checkpoint-12 is damaged"): _resume(prepared, out)
     out = copy("rank")
-    with pytest.raises(MovierecError, match="belongs to another run.*rank=16 there, 8 here"): _resume(prepared, out, rank=8)
+    with pytest.raises(MovierecError, match="belongs to another run.*rank=16 there, 8 here"): _resume(prepared, out, lora_rank=8)
     with pytest.raises(MovierecError, match="objective='rating' there, 'response' here"): _resume(prepared, out, objective="response")
-    with pytest.raises(MovierecError, match="data="): _resume(prepared, out, max_examples=64)
+    with pytest.raises(MovierecError, match="data="): _resume(prepared, out, train_examples=64)
     # a checkpoint cut off while saving (no movierec.json, written last) is skipped: resume from the one before
     out = copy("interrupted")
-    (out / "checkpoints" / "checkpoint-12" / "movierec.json").unlink()
+    (out / "checkpoints" / "checkpoint-12" / MOVIEREC_JSON).unlink()
     assert _resume(prepared, out)["resumed_from"] == "checkpoint-8"
     # not resuming into a folder with checkpoints is refused, not silently overwritten
     with pytest.raises(MovierecError, match="resume"):
-        train(prepared, out, base_model=TINY, config=TrainConfig(max_steps=2, progress_bar=False))
+        train(prepared, out, TrainConfig(base_model=TINY, max_steps=2), progress=False)
 
 
 def test_ddp_two_cpu_processes(prepared, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(HELPER), str(prepared), str(out), "--max-steps", "4", "--save-steps", "4", "--val", "16"]
+           *cli_train_args(prepared, out, max_steps=4, save_steps=4, val_examples=16)]
     res = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "train.json").read_text())
@@ -186,11 +209,11 @@ def _free_port() -> int:
 def test_smollm2_trains_a_few_steps(prepared, tmp_path):
     from movierec.model import load_adapter
     out = tmp_path / "smol"
-    cfg = TrainConfig(max_steps=3, batch_size=4, max_examples=12, max_val_examples=8, save_steps=3, logging_steps=1, progress_bar=False)
-    res = train(prepared, out, config=cfg)
+    cfg = TrainConfig(max_steps=3, batch_size=4, train_examples=12, val_examples=8, save_steps=3, logging_steps=1)
+    res = train(prepared, out, cfg, progress=False)
     assert res["steps"] == 3 and res["trainable_params"] == 1_843_200 and np.isfinite(res["train_loss"])
     assert 0 < res["val_loss"] < 5 and res["tokens_per_s"] > 0 and res["peak_rss_mb"] > 500
-    assert json.loads((out / "movierec.json").read_text())["base_model"] is None    # the default GGUF, portable
+    assert json.loads((out / MOVIEREC_JSON).read_text())["base_model"] is None    # the default GGUF, portable
     model, tok = load_adapter(out, device="cpu")
     df = pd.read_parquet(prepared / "val.parquet").head(2)
     x = tok(model_input(tok, df.prompt[0]), return_tensors="pt")

@@ -1,0 +1,42 @@
+"""The classic models' table on ML-100K, pinned the way Microsoft Recommenders pins its notebooks' metrics:
+the default time split of `movierec data`, the models fitted on the training ratings, EVERY test rating
+scored. No language model; seconds. A change of split, of fitting or of metric moves these figures."""
+import pytest
+
+from movierec.classic import fit_classic
+from movierec.evaluate import rating_metrics
+from movierec.prompts import PrepareConfig, load_prepared, prepare
+
+# measured 2026-11-26: scikit-surprise 1.1.5, SVD(random_state=42), 80,808 training and 9,596 test ratings
+PINNED = {"global_mean": (1.2383, 1.0306), "user_mean": (1.1743, 0.9396), "movie_mean": (1.0873, 0.8722),
+          "bias": (1.0188, 0.8151), "svd": (1.0078, 0.8020)}
+TOL = 0.005
+
+
+@pytest.fixture(scope="module")
+def table(ml100k_dir, tmp_path_factory):
+    from movierec.data import load_movielens
+    cfg = PrepareConfig()
+    out = tmp_path_factory.mktemp("data")
+    prepare(cfg, out, ml=load_movielens(ml100k_dir))
+    ratings = load_prepared(out)["ratings"]
+    test = ratings[ratings.split == "test"]
+    classic = fit_classic(ratings, seed=cfg.seed)
+    return {name: rating_metrics(test.rating, m.predict_pairs(test.user_id, test.movie_id)) for name, m in classic.items()}
+
+
+def test_every_test_rating_is_scored(table):
+    assert {m["n"] for m in table.values()} == {9596} and {m["parse_failures"] for m in table.values()} == {0}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_classic_rmse_and_mae_are_pinned(table, name):
+    rmse, mae = PINNED[name]
+    got = table[name]
+    assert got["rmse"] == pytest.approx(rmse, abs=TOL), f"{name} RMSE {got['rmse']:.4f}, pinned {rmse}"
+    assert got["mae"] == pytest.approx(mae, abs=TOL), f"{name} MAE {got['mae']:.4f}, pinned {mae}"
+
+
+def test_the_classic_models_order_as_expected(table):
+    rmse = {k: v["rmse"] for k, v in table.items()}
+    assert rmse["svd"] < rmse["bias"] < rmse["movie_mean"] < rmse["user_mean"] < rmse["global_mean"]
