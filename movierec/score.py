@@ -75,7 +75,7 @@ def _device(model):
 def _autocast(model, enabled: bool | None):
     import torch
     dev = _device(model)
-    on = use_bf16(str(dev), "auto" if enabled is None else enabled)
+    on = use_bf16(str(dev), "auto" if enabled is None else enabled, training=False)
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on and dev.type in ("cpu", "cuda"))
 
 # %% ../nbs/05_score.ipynb #9cf5bd2b
