@@ -25,6 +25,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["movierec", "movierec.*"]),
     include_package_data=True,
     install_requires=cfg.get("requirements", "").split(),
+    extras_require={"postgres": ["psycopg[binary]>=3.2"]},  # `movierec tune --storage postgresql+psycopg://...`
     python_requires=">=" + cfg["min_python"],
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -58,7 +58,8 @@ def cmd_data(args) -> int:
     "Prepare the examples of every split into `--out`."
     from movierec.stages import prepare_stage
     stats = prepare_stage(params_from_args(args), args.out)
-    print(f"examples written to {args.out}: " + ", ".join(f"{s} {n}" for s, n in stats.get("examples", {}).items()))
+    print(f"{stats.dataset}: {stats.users:,} users, {stats.movies:,} movies; examples written to {args.out}: "
+          + ", ".join(f"{s} {n:,}" for s, n in stats.examples.items()))
     return 0
 
 # %% ../nbs/99_cli.ipynb #e25cbeb4
@@ -66,7 +67,7 @@ def cmd_train(args) -> int:
     "Train a LoRA adapter on `--data` into `--out`."
     from movierec.stages import train_stage
     result = train_stage(params_from_args(args), args.data, args.out, resume=args.resume)
-    _print_json({k: v for k, v in result.items() if not isinstance(v, (list, dict))})
+    _print_json({k: v for k, v in result.to_dict().items() if not isinstance(v, (list, dict))})
     print(f"adapter written to {args.out}")
     return 0
 
@@ -76,8 +77,8 @@ def cmd_evaluate(args) -> int:
     from movierec.evaluate import metrics_table
     from movierec.stages import evaluate_stage
     metrics = evaluate_stage(params_from_args(args), args.data, args.out, adapter_dir=args.adapter)
-    print(metrics_table(metrics).to_string(float_format=lambda x: f"{x:.4f}"))
-    print(f"metrics and plots written to {args.out}")
+    print(metrics_table(metrics.to_dict()).to_string(float_format=lambda x: f"{x:.4f}"))
+    print(f"{metrics.sample} test ratings scored by each model; metrics and plots written to {args.out}")
     return 0
 
 # %% ../nbs/99_cli.ipynb #bf01cb1b
@@ -85,8 +86,8 @@ def cmd_deploy(args) -> int:
     "Export GGUF files and a Modelfile to `--out`, create the model in Ollama, check parity."
     from movierec.stages import deploy_stage
     info = deploy_stage(params_from_args(args), args.adapter, args.out, data_dir=args.data)
-    print(f"model {info.get('name')!r} created at {info.get('host')}; files in {args.out}")
-    if info.get("parity"): _print_json({"parity": info["parity"]})
+    print(f"model {info.name!r} created at {info.host}; files in {args.out}")
+    if info.parity: _print_json({"parity": info.parity})
     return 0
 
 # %% ../nbs/99_cli.ipynb #7b60b1ad
@@ -105,13 +106,10 @@ def cmd_run(args) -> int:
 
 # %% ../nbs/99_cli.ipynb #69c78fe0
 def cmd_compare(args) -> int:
-    "Two run folders side by side: the knobs that differ, every metric, a plot."
-    from movierec.report import compare_runs
+    "Two runs on the same test ratings: each difference (B - A) with its paired bootstrap 95% interval and a verdict, per segment too; a plot."
+    from movierec.report import compare_runs, format_comparison
     plot = args.plot or Path(args.run_b).parent / f"compare_{Path(args.run_a).name}_vs_{Path(args.run_b).name}.png"
-    diff, side = compare_runs(args.run_a, args.run_b, plot=plot)
-    print("parameters that differ:" if len(diff) else "parameters: identical")
-    if len(diff): print(diff.to_string(index=False))
-    print("\nmetrics:"); print(side.to_string(float_format=lambda x: f"{x:.4f}"))
+    print(format_comparison(compare_runs(args.run_a, args.run_b, plot=plot)))
     print(f"\nplot: {plot}")
     return 0
 
@@ -131,6 +129,12 @@ def cmd_recommend(args) -> int:
     return 0
 
 # %% ../nbs/99_cli.ipynb #131acd3c
+def _masked(url: str | None) -> str | None:
+    "A storage URL without its password, fit to print."
+    if not url or "@" not in url: return url
+    import sqlalchemy
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
 def cmd_tune(args) -> int:
     "An Optuna study over the LoRA and optimiser knobs, judged on validation RMSE."
     from movierec.tune import tune
@@ -138,7 +142,7 @@ def cmd_tune(args) -> int:
     study = tune(p, args.data, args.out)
     b = study.best_trial
     print(f"best of {len(study.trials)} trials: validation RMSE {b.value:.4f} with {b.params}")
-    print(f"study in {p.tune.storage or Path(args.out) / 'study.db'}; summary {Path(args.out) / 'tune.json'}")
+    print(f"study in {_masked(p.tune.storage) or Path(args.out) / 'study.db'}; summary {Path(args.out) / 'tune.json'}")
     return 0
 
 # %% ../nbs/99_cli.ipynb #7c130e15

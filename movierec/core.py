@@ -16,8 +16,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['PACKAGE_DIR', 'PROJECT_ROOT', 'MOVIEREC_JSON', 'data_dir', 'cache_dir', 'MovierecError', 'pick_device',
-           'seed_everything', 'get_logger', 'atomic_path', 'write_json', 'write_text', 'use_bf16', 'knob',
-           'knob_errors', 'seed_knob', 'device_knob', 'Knobs', 'RunLayout']
+           'seed_everything', 'get_logger', 'LogProgress', 'progress', 'atomic_path', 'write_json', 'write_text',
+           'use_bf16', 'knob', 'knob_errors', 'seed_knob', 'device_knob', 'Knobs', 'RunLayout']
 
 # %% ../nbs/00_core.ipynb #4b1d2e42
 PACKAGE_DIR = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd().parent / "movierec"
@@ -68,6 +68,47 @@ def get_logger(name: str = "movierec") -> logging.Logger:
         root.setLevel(os.environ.get("MOVIEREC_LOG", "INFO").upper())
         root.propagate = False
     return log
+
+# %% ../nbs/00_core.ipynb #2a9a94d6
+import time
+
+class LogProgress:
+    "A tqdm-like iterator that logs `desc: n/total (pct), rate, time left` at most every `every` seconds."
+    def __init__(self, iterable=None, desc: str = "", total: int | None = None, every: float = 10.0, unit: str = "it"):
+        self.iterable, self.desc, self.every, self.unit = iterable, desc, every, unit
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.t0, self.last = 0, time.monotonic(), time.monotonic()
+        self.log = get_logger("movierec.progress")
+
+    def __iter__(self):
+        for x in self.iterable:
+            yield x
+            self.update(1)
+        self.close()
+
+    def update(self, n: int = 1):
+        self.n += n
+        if time.monotonic() - self.last >= self.every: self._emit()
+
+    def _emit(self):
+        self.last, dt = time.monotonic(), time.monotonic() - self.t0
+        rate = self.n / dt if dt > 0 else 0.0
+        done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
+        left = f", about {(self.total - self.n) / rate:.0f} s left" if self.total and rate > 0 else ""
+        self.log.info("%s: %s, %.2f %s/s%s", self.desc, done, rate, self.unit, left)
+
+    def close(self):
+        if self.n and time.monotonic() - self.t0 >= self.every: self._emit()
+    def set_postfix_str(self, *a, **kw): pass
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+def progress(iterable=None, desc: str = "", total: int | None = None, enabled: bool = True, **tqdm_kw):
+    "A progress bar over `iterable`: tqdm (a widget in notebooks), log lines when `$MOVIEREC_PROGRESS=log`, nothing if not `enabled`."
+    if not enabled: return iterable if iterable is not None else LogProgress(None, desc, total, every=float("inf"))
+    if os.environ.get("MOVIEREC_PROGRESS") == "log": return LogProgress(iterable, desc, total)
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, **tqdm_kw)
 
 # %% ../nbs/00_core.ipynb #bd3c908f
 @contextlib.contextmanager

@@ -86,9 +86,22 @@ def kernel_name() -> str:
 
 def _now() -> str: return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
+def _execute(nb: Path, run: RunLayout, stream: bool) -> None:
+    "Run one stage notebook; with `stream`, its output and progress lines (MOVIEREC_PROGRESS=log) go to stderr as they come."
+    import papermill as pm
+    saved = os.environ.get("MOVIEREC_PROGRESS")
+    if stream: os.environ["MOVIEREC_PROGRESS"] = "log"   # the kernel inherits it: bars become log lines nobody has to render
+    try:
+        pm.execute_notebook(str(nb), str(run.notebook(nb.stem)), parameters={"run_dir": str(run.root)}, kernel_name=kernel_name(),
+                            cwd=str(run.root), progress_bar=False, stdout_file=sys.stderr if stream else None,
+                            stderr_file=sys.stderr if stream else None)
+    finally:
+        if saved is None: os.environ.pop("MOVIEREC_PROGRESS", None)
+        else: os.environ["MOVIEREC_PROGRESS"] = saved
+
 def run_pipeline(params: Params, out_dir: str | Path, resume: bool = False, stages: dict | None = None,
                  pipeline_dir: Path = PIPELINE_DIR, progress: bool = True) -> dict:
-    "Run the stage notebooks in order into `out_dir`; return the stages' states (also in `stages.json`)."
+    "Run the stage notebooks in order into `out_dir` (`progress`: stream their output and progress to stderr); return the stages' states."
     import papermill as pm
     stages = STAGES if stages is None else stages
     run = RunLayout(Path(out_dir).resolve()); run.root.mkdir(parents=True, exist_ok=True)
@@ -114,8 +127,7 @@ def run_pipeline(params: Params, out_dir: str | Path, resume: bool = False, stag
         write_json(run.stages, states)
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb), str(run.notebook(stage)), parameters={"run_dir": str(run.root)},
-                                kernel_name=kernel_name(), cwd=str(run.root), progress_bar=progress)
+            _execute(nb, run, progress)
         except pm.PapermillExecutionError as e:
             states[stage].update(status="failed", seconds=round(time.perf_counter() - t0, 1), error=f"{e.ename}: {e.evalue}")
             write_json(run.stages, states)

@@ -9,6 +9,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from .core import MovierecError, RunLayout, get_logger, pick_device
 from .core import data_dir as assets_dir   # `data_dir` names a run's prepared data here
 from .deploy import GGUF_FILES, deploy
@@ -20,8 +22,46 @@ from .train import train
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'load_run', 'use_device', 'prepare_stage', 'train_stage', 'parity_prompts', 'deploy_stage', 'evaluate_stage',
-           'recommend_for']
+__all__ = ['log', 'StageResult', 'Prepared', 'Trained', 'Deployed', 'Evaluated', 'load_run', 'use_device', 'prepare_stage',
+           'train_stage', 'parity_prompts', 'deploy_stage', 'evaluate_stage', 'recommend_for']
+
+# %% ../nbs/10_stages.ipynb #4f7d9a96
+class StageResult(BaseModel):
+    "A stage's result: declared fields, plus the rest of its JSON as extra fields."
+    model_config = ConfigDict(extra="allow")
+    def to_dict(self) -> dict: return self.model_dump()
+
+class Prepared(StageResult):
+    "What `prepare` wrote (data.json): examples and ratings per split, users, movies."
+    dataset: str
+    examples: dict[str, int]
+    ratings: dict[str, int]
+    users: int
+    movies: int
+    seconds: float
+
+class Trained(StageResult):
+    "What training wrote (train.json)."
+    steps: int
+    n_train: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_s: float
+    wall_s: float
+
+class Deployed(StageResult):
+    "What deployment wrote (deploy.json): the model's name and host, its files and the parity with PyTorch."
+    name: str
+    host: str
+    models: dict[str, str]
+    files: dict[str, dict]
+    parity: dict[str, dict] = {}
+
+class Evaluated(StageResult):
+    "What evaluation wrote (metrics.json): every model's metrics on the same `sample` test ratings."
+    dataset: str
+    sample: int
+    models: list[dict]
 
 # %% ../nbs/10_stages.ipynb #ca0b4e5c
 def load_run(run_dir: str | Path) -> tuple[Params, RunLayout]:
@@ -36,18 +76,18 @@ def use_device(device: str) -> str:
     return device
 
 # %% ../nbs/10_stages.ipynb #c4ff37ee
-def prepare_stage(p: Params, data_dir: str | Path) -> dict:
+def prepare_stage(p: Params, data_dir: str | Path) -> Prepared:
     "Load, validate and split the dataset; write the examples of every split to `data_dir`."
-    return prepare(p.prepare, Path(data_dir))
+    return Prepared(**prepare(p.prepare, Path(data_dir)))
 
 # %% ../nbs/10_stages.ipynb #33988b27
-def train_stage(p: Params, data_dir: str | Path, adapter_dir: str | Path, resume: bool | str = False) -> dict:
+def train_stage(p: Params, data_dir: str | Path, adapter_dir: str | Path, resume: bool | str = False) -> Trained:
     "Train a LoRA adapter on the examples in `data_dir` into `adapter_dir` (resume='auto': if it holds checkpoints)."
     use_device(p.train.device)
     if resume == "auto":  # the pipeline removed adapter_dir if its knobs changed, so checkpoints there are this run's
         ckpts = Path(adapter_dir) / "checkpoints"
         resume = ckpts.exists() and any(ckpts.iterdir())
-    return train(Path(data_dir), Path(adapter_dir), p.train, resume=bool(resume))
+    return Trained(**train(Path(data_dir), Path(adapter_dir), p.train, resume=bool(resume)))
 
 # %% ../nbs/10_stages.ipynb #9c0c519d
 def parity_prompts(p: Params, data_dir: str | Path) -> list[str]:
@@ -55,11 +95,11 @@ def parity_prompts(p: Params, data_dir: str | Path) -> list[str]:
     test = read_examples(data_dir, "test")
     return test.sample(min(p.deploy.parity_sample, len(test)), random_state=p.deploy.seed).prompt.tolist()
 
-def deploy_stage(p: Params, adapter_dir: str | Path, gguf_dir: str | Path, data_dir: str | Path | None = None) -> dict:
+def deploy_stage(p: Params, adapter_dir: str | Path, gguf_dir: str | Path, data_dir: str | Path | None = None) -> Deployed:
     "Export GGUF files and a Modelfile to `gguf_dir`, create the model in Ollama, check parity on test prompts."
     use_device(p.deploy.device)
     prompts = parity_prompts(p, data_dir) if data_dir and p.deploy.parity_sample else None
-    return deploy(Path(adapter_dir), Path(gguf_dir), p.deploy, parity_prompts=prompts)
+    return Deployed(**deploy(Path(adapter_dir), Path(gguf_dir), p.deploy, parity_prompts=prompts))
 
 # %% ../nbs/10_stages.ipynb #1bdce186
 def _ollama_predictor(p: Params, gguf: Path, adapter_dir: Path, client):
@@ -73,7 +113,7 @@ def _ollama_predictor(p: Params, gguf: Path, adapter_dir: Path, client):
         raise MovierecError(f"Ollama has no model {name!r} and {gguf} holds no export; run the deploy stage first.")
     return OllamaPredictor(client, name, load_tokenizer(read_adapter_meta(adapter_dir)["base_model"]))
 
-def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter_dir: str | Path | None = None) -> dict:
+def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter_dir: str | Path | None = None) -> Evaluated:
     "Score the same test ratings with every model, rank for sampled users, and write metrics.json to `out_dir`."
     from movierec.classic import fit_classic
     from movierec.model import load_adapter, load_base
@@ -97,7 +137,7 @@ def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter
             # a lasting models folder: blobs an earlier stage or run uploaded are found by digest
             client, _ = stack.enter_context(ollama_client(p.deploy.ollama_host, models_dir=assets_dir() / "ollama-models"))
             predictors.append(_ollama_predictor(p, RunLayout(out_dir).gguf, Path(adapter_dir), client))
-        return evaluate(p.evaluate, data_dir, out_dir, predictors, ranking=ranking)
+        return Evaluated(**evaluate(p.evaluate, data_dir, out_dir, predictors, ranking=ranking))
 
 # %% ../nbs/10_stages.ipynb #37244c0b
 def recommend_for(p: Params, data_dir: str | Path, adapter_dir: str | Path | None = None, user_id: int | None = None,

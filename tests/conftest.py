@@ -2,6 +2,7 @@
 import os
 from pathlib import Path
 
+import ollama  # noqa: F401  the real client, imported before a test puts bench/ on sys.path (bench/ollama.py would shadow it)
 import pytest
 
 from movierec.assets import base_model_path, ml100k_path
