@@ -103,3 +103,19 @@ def test_ollama_serves_base_gguf_with_logprobs(ollama_server, base_gguf):
     finally:
         client.delete("smoke-smollm2")
     assert "smoke-smollm2:latest" not in [m.model for m in client.list().models]
+
+
+def test_library_never_switches_the_matplotlib_backend(tmp_path):
+    "Plots must keep showing in a live JupyterLab kernel: no matplotlib.use()/pyplot state in library calls."
+    import re
+    import matplotlib
+    import numpy as np
+    import pandas as pd
+    offenders = [f"{p.name}:{i + 1}" for p in sorted((PROJECT_ROOT / "movierec").glob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines())
+                 if re.search(r"matplotlib\.use\(", line)]
+    assert not offenders, f"backend switching in the library: {offenders}"
+    before = matplotlib.get_backend()
+    from movierec.train import write_loss_log
+    df, fig = write_loss_log([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}], tmp_path)
+    assert matplotlib.get_backend() == before and type(fig).__name__ == "Figure" and (tmp_path / "loss.png").stat().st_size > 1000
