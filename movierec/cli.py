@@ -34,7 +34,7 @@ def add_knob_flags(parser: argparse.ArgumentParser, sections: list[str] | tuple 
     names = [k for s in sections for k in SECTIONS[s].model_fields] + list(knobs)
     for name in dict.fromkeys(names):
         f = Params.field(name)
-        flag, h = "--" + name.replace("_", "-"), f"{f.description} (default: {f.default})"
+        flag, h = "--" + name.replace("_", "-"), f"{f.description} (default: {f.default})".replace("%", "%%")  # argparse formats help
         if isinstance(f.default, bool): g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
         elif isinstance(f.default, list): g.add_argument(flag, nargs="+", default=None, metavar="NAME", help=h)
         else: g.add_argument(flag, type=_value, default=None, metavar=name.split("_")[-1].upper(), help=h)
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--user", type=int, metavar="ID", help="a user id of the dataset")
     s.add_argument("--likes", metavar='"TITLE; TITLE"', help="titles a new user liked, separated by semicolons")
     s.add_argument("--json", action="store_true", help="print JSON records instead of a table")
-    s = _subcommand(sub, "compare", cmd_compare, "two runs side by side: differing knobs, metrics, a plot")
+    s = _subcommand(sub, "compare", cmd_compare, "two runs on the same test ratings: each difference with a paired bootstrap 95%% interval and a verdict, per segment; a plot")
     s.add_argument("run_a", metavar="RUN_A"); s.add_argument("run_b", metavar="RUN_B")
     s.add_argument("--plot", metavar="FILE", help="where to write the plot (default: beside RUN_B)")
     return p

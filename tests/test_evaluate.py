@@ -12,7 +12,8 @@ import torch
 
 from movierec.classic import fit_classic
 from movierec.core import MOVIEREC_JSON, PROJECT_ROOT, MovierecError
-from movierec.evaluate import EvaluateConfig, KnownPredictions, evaluate, metrics_table, rating_metrics, sample_targets
+from movierec.evaluate import (EvaluateConfig, KnownPredictions, evaluate, metrics_table, rating_metrics, sample_targets,
+                               segment_metrics)
 from movierec.score import LMPredictor, distribution_from_top_logprobs, rating_distribution, score_candidates, score_prompts
 
 sys.path.insert(0, str(PROJECT_ROOT / "bench"))  # the seed's generate-and-parse is a benchmark comparator
@@ -163,6 +164,9 @@ def _check_schema(m: dict, n: int):
         assert {"rmse", "mae", "pearson", "spearman", "auc_liked", "within_0_5", "within_1_0", "parse_failures", "n",
                 "confusion"} <= set(e["metrics"])
         assert e["n"] + e["metrics"]["parse_failures"] == n
+    ref = m["bootstrap"]["reference"]
+    assert all("vs_best_classic" in e for e in m["models"] if e["model"] != ref), "every row but the reference has its interval"
+    assert {"reference", "rows"} <= set(m["segments"]) and m["segments"]["rows"]
 
 
 @pytest.mark.slow
@@ -180,8 +184,7 @@ def test_evaluate_zero_shot_smollm2_and_a_served_model(smollm2, prepared, tmp_pa
     predictors = [*classic, LMPredictor(model, tok, "zero_shot", progress=False),
                   KnownPredictions("lora_ollama", "ollama", served.sample(frac=1, random_state=0))]
     res = evaluate(cfg, prepared, out, predictors, progress=False)
-    assert [e["model"] for e in res["models"]] == ["global_mean", "user_mean", "movie_mean", "bias", "svd", "zero_shot",
-                                                   "lora_ollama"]
+    assert [e["model"] for e in res["models"]] == [*(p.name for p in classic), "zero_shot", "lora_ollama"]
     on_disk = json.loads((out / "metrics.json").read_text())
     _check_schema(on_disk, 40)
     preds = pd.read_parquet(out / "predictions.parquet")
@@ -198,8 +201,8 @@ def test_evaluate_zero_shot_smollm2_and_a_served_model(smollm2, prepared, tmp_pa
     other = served.assign(movie_id=served.movie_id + 1)
     with pytest.raises(MovierecError, match="not for the ratings"):
         evaluate(cfg, prepared, out, [KnownPredictions("wrong", "ollama", other)], progress=False)
-    assert len(json.loads((out / "metrics.json").read_text())["models"]) == 7
-    assert len(list((out / "plots").glob("*.png"))) == 5
+    assert len(json.loads((out / "metrics.json").read_text())["models"]) == len(predictors), "the last evaluation's files stay"
+    assert len(list((out / "plots").glob("*.png"))) == 6  # the five of PLOTS and segments.png
 
 
 def test_evaluate_with_an_adapter_scores_lora_and_its_base(prepared, tmp_path):
@@ -218,7 +221,7 @@ def test_evaluate_with_an_adapter_scores_lora_and_its_base(prepared, tmp_path):
     lm, lt = load_adapter(adapter)
     res = evaluate(cfg, prepared, tmp_path / "eval", [*classic, LMPredictor(lm, lt, "lora", progress=False),
                                                       LMPredictor(lm, lt, "zero_shot", adapter=False, progress=False)], progress=False)
-    assert [e["model"] for e in res["models"]][-2:] == ["lora", "zero_shot"]
+    assert [e["model"] for e in res["models"]][-3:] == ["lora", "zero_shot", "blend"]  # blend: lora and svd, by default
     preds = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
     bm, bt = load_base(TINY)
     base = evaluate(cfg, prepared, tmp_path / "eval_base", [LMPredictor(bm, bt, "zero_shot", progress=False)], progress=False)
@@ -226,3 +229,85 @@ def test_evaluate_with_an_adapter_scores_lora_and_its_base(prepared, tmp_path):
     assert np.allclose(preds.zero_shot, base_preds.zero_shot, atol=1e-5), "adapter off = the base model"
     assert not np.allclose(preds.lora, preds.zero_shot, atol=1e-4), "the adapter changes the predictions"
     assert [e["model"] for e in base["models"]][-1] == "zero_shot"
+
+
+@pytest.fixture(scope="module")
+def classic_models(prepared):
+    from movierec.prompts import load_prepared
+    return fit_classic(load_prepared(prepared)["ratings"], seed=0)
+
+
+@pytest.fixture(scope="module")
+def evaluated(prepared, classic_models, tmp_path_factory):
+    "Every classic model on 400 test targets; bias and svd blended on 300 validation targets."
+    out = tmp_path_factory.mktemp("eval_classic")
+    cfg = EvaluateConfig(eval_sample=400, blend=["bias", "svd"], blend_sample=300, bootstrap_resamples=1000, seed=3)
+    res = evaluate(cfg, prepared, out, list(classic_models.values()), progress=False)
+    return cfg, out, res
+
+
+def test_every_classic_model_has_a_row_and_an_interval_against_the_best(evaluated, classic_models):
+    "Issue 13 item 3: the reference is the classic row of lowest RMSE; each other row's difference gets scipy's paired interval."
+    from scipy.stats import bootstrap
+    cfg, out, res = evaluated
+    on_disk = json.loads((out / "metrics.json").read_text())
+    _check_schema(on_disk, 400)
+    rows = {e["model"]: e for e in on_disk["models"]}
+    assert list(rows) == [*classic_models, "blend"] and rows["blend"]["kind"] == "blend"
+    best = min(classic_models, key=lambda m: rows[m]["metrics"]["rmse"])
+    assert on_disk["bootstrap"]["reference"] == best and on_disk["bootstrap"]["resamples"] == 1000
+    preds = pd.read_parquet(out / "predictions.parquet")
+    sq = {m: (preds[m] - preds.rating).to_numpy() ** 2 for m in rows}
+    for m, e in rows.items():
+        if m == best:
+            continue
+        v = e["vs_best_classic"]
+        assert v["model"] == best and v["n"] == 400
+        assert np.isclose(v["rmse_diff"], e["metrics"]["rmse"] - rows[best]["metrics"]["rmse"])
+        ci = bootstrap((sq[best], sq[m]), lambda a, b, axis=-1: np.sqrt(b.mean(axis)) - np.sqrt(a.mean(axis)), paired=True,
+                       vectorized=True, n_resamples=1000, method="percentile", rng=np.random.default_rng(cfg.seed)).confidence_interval
+        assert np.allclose(v["ci95"], [ci.low, ci.high]), (m, v["ci95"], ci)
+    assert rows["global_mean"]["vs_best_classic"]["ci95"][0] > 0, "the global mean is detectably worse on 400 ratings"
+    table = metrics_table(on_disk)
+    assert table.loc[best, "vs_best_classic"] == "(best classic)" and table.loc["global_mean", "vs_best_classic"].startswith("+0.")
+
+
+def test_the_blend_is_fitted_on_validation_targets_only(evaluated, prepared, classic_models):
+    "The blend's weights are least squares on the sampled validation targets, never on the test ratings it is scored on."
+    from sklearn.linear_model import LinearRegression
+    from movierec.prompts import load_prepared
+    cfg, out, res = evaluated
+    val = sample_targets(load_prepared(prepared)["val"], 300, cfg.seed)
+    x_val = np.c_[[classic_models[m].predict_pairs(val.user_id.to_numpy(), val.movie_id.to_numpy()) for m in ("bias", "svd")]].T
+    on_val = LinearRegression().fit(x_val, val.rating)
+    fit = {e["model"]: e for e in res["models"]}["blend"]["blend"]
+    assert fit["models"] == ["bias", "svd"] and fit["n_fit"] == 300
+    assert np.allclose(list(fit["weights"].values()), on_val.coef_) and np.isclose(fit["intercept"], on_val.intercept_)
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert np.allclose(preds.blend, np.clip(on_val.predict(preds[["bias", "svd"]].to_numpy()), 1, 5))
+    on_test = LinearRegression().fit(preds[["bias", "svd"]].to_numpy(), preds.rating)
+    assert not np.allclose(on_test.coef_, on_val.coef_, atol=1e-3), "the test ratings would have given other weights"
+    assert not set(zip(val.user_id, val.movie_id)) & set(zip(preds.user_id, preds.movie_id))
+
+
+def test_segments_by_history_popularity_and_genre(evaluated, prepared):
+    "Issue 13 item 7: RMSE per bin with its interval, and the difference to the best classic model with its paired interval."
+    from movierec.prompts import load_prepared
+    cfg, out, res = evaluated
+    preds = pd.read_parquet(out / "predictions.parquet")
+    r = load_prepared(prepared)["ratings"]
+    assert (preds.movie_train_ratings == preds.movie_id.map(r[r.split == "train"].movie_id.value_counts()).fillna(0)).all()
+    seg = pd.DataFrame(json.loads((out / "metrics.json").read_text())["segments"]["rows"])
+    ref = res["segments"]["reference"]
+    for s in ("history", "popularity"):
+        assert seg[(seg.segment == s) & (seg.model == "svd")].n.sum() == 400, "each rating in one bin"
+    assert seg[(seg.segment == "genre") & (seg.model == "svd")].n.sum() == preds.genres.map(len).sum()
+    row = seg[(seg.segment == "popularity") & (seg.bin == "10-49") & (seg.model == "global_mean")].iloc[0]
+    at = preds.movie_train_ratings.between(10, 49)
+    assert row.n == at.sum() > 30
+    assert np.isclose(row.rmse, np.sqrt(((preds.global_mean - preds.rating)[at] ** 2).mean()))
+    assert np.isclose(row.rmse_diff, row.rmse - np.sqrt(((preds[ref] - preds.rating)[at] ** 2).mean()))
+    assert row.rmse_ci95[0] <= row.rmse <= row.rmse_ci95[1] and row.ci95[0] <= row.rmse_diff <= row.ci95[1]
+    again = segment_metrics(preds, ["global_mean", ref], ref, cfg.bootstrap_resamples, cfg.seed)
+    assert np.allclose(again[again.model == "global_mean"].rmse_diff, seg[seg.model == "global_mean"].rmse_diff)
+    assert (out / "plots" / "segments.png").stat().st_size > 1000
