@@ -25,7 +25,12 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["movierec", "movierec.*"]),
     include_package_data=True,
     install_requires=cfg.get("requirements", "").split(),
-    extras_require={"postgres": ["psycopg[binary]>=3.2"]},  # `movierec tune --storage postgresql+psycopg://...`
+    extras_require={
+        "postgres": ["psycopg[binary]>=3.2"],  # `movierec tune --storage postgresql+psycopg://...`
+        # `--report-to mlflow|tensorboard`: MLflow's client without its UI server (`pip install mlflow` adds `mlflow ui`)
+        "tracking": ["mlflow-skinny>=3.0", "tensorboard>=2.15"],
+        "cuda": ["bitsandbytes>=0.45"],  # `--load-in-4bit` (QLoRA) on CUDA GPUs
+    },
     python_requires=">=" + cfg["min_python"],
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

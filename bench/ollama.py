@@ -3,6 +3,8 @@
 - API: `serve.ollama_predict`: one generated token per prompt with `top_logprobs=20`, raw text, concurrent requests.
 - seed: one `ollama run NAME "PROMPT"` process per example, free generation (at most --seed-new-tokens), the first
   digit 1-5 found by a regex.
+- `ollama run` on the deployed model: the same CLI, on the model `deploy` creates, whose template ends with the answer
+  prefix and which answers one token, the most likely rating.
 
 Both talk to the same private `ollama serve` with the model already loaded (a warm-up request first).
 
@@ -72,8 +74,8 @@ def main(argv=None) -> int:
         create_model(client, "movierec-bench", base, adapter, overwrite=True)
         # the seed's model: the same files, free generation bounded at --seed-new-tokens (our adapter was trained on the
         # rating token only, so it may never emit <|im_end|>, and Ollama's context shift would let it talk forever)
-        template, system, stops = chat_template_of(base)
-        create_model(client, "movierec-bench-seed", base, adapter, overwrite=True, template=template, system=system,
+        template, stops = chat_template_of(base, answer_prefix="")   # the base's chat template alone, as the seed served it
+        create_model(client, "movierec-bench-seed", base, adapter, overwrite=True, template=template,
                      parameters={"temperature": 0, "stop": stops, "num_predict": args.seed_new_tokens})
         ollama_predict(client, "movierec-bench", prompts[:1], tok)   # load the model once, for both ways (same blobs)
 
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
         t_api = time.perf_counter() - t0
         seed_way(srv.binary, srv.host, "movierec-bench-seed", prompts[:1], args.timeout)   # warm, like the API's
         seed, t_seed = seed_way(srv.binary, srv.host, "movierec-bench-seed", prompts, args.timeout)
+        served, t_served = seed_way(srv.binary, srv.host, "movierec-bench", prompts, args.timeout)
 
     n = len(prompts)
     failures = sum(r is None for r, _ in seed)
@@ -91,9 +94,13 @@ def main(argv=None) -> int:
     print(f"{'way':<44}{'seconds':>9}{'preds/s':>9}{'failures':>10}")
     print(f"{'API: 1 token, top_logprobs=20, concurrent':<44}{t_api:>9.1f}{n / t_api:>9.2f}{int((api.argmax == 0).sum()):>10}")
     print(f"{'seed: `ollama run` per example + regex':<44}{t_seed:>9.1f}{n / t_seed:>9.2f}{failures:>10}")
+    served_failures = sum(r is None for r, _ in served)
+    print(f"{'`ollama run` on the deployed model':<44}{t_served:>9.1f}{n / t_served:>9.2f}{served_failures:>10}")
     print(f"ratio (API / seed): {t_seed / t_api:.1f}x   (goal >= 50x)")
     print(f"seed answers: mean {sum(c for _, c in seed) / n:.0f} characters; its digit equals the API's argmax "
           f"in {agree}/{n - failures} parsed answers")
+    print(f"deployed model's answers: mean {sum(c for _, c in served) / n:.1f} characters; equal to the API's argmax in "
+          f"{sum(r == a for (r, _), a in zip(served, api.argmax))}/{n}")
     return 0
 
 

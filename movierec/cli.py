@@ -106,11 +106,13 @@ def cmd_run(args) -> int:
 
 # %% ../nbs/99_cli.ipynb #69c78fe0
 def cmd_compare(args) -> int:
-    "Two runs on the same test ratings: each difference (B - A) with its paired bootstrap 95% interval and a verdict, per segment too; a plot."
-    from movierec.report import compare_runs, format_comparison
+    "Two runs on the same test ratings: each difference (B - A) with its paired bootstrap 95% interval and a verdict, per segment too; a plot (and a page)."
+    from movierec.report import compare_runs, comparison_html, format_comparison
     plot = args.plot or Path(args.run_b).parent / f"compare_{Path(args.run_a).name}_vs_{Path(args.run_b).name}.png"
-    print(format_comparison(compare_runs(args.run_a, args.run_b, plot=plot)))
+    cmp = compare_runs(args.run_a, args.run_b, plot=plot)
+    print(format_comparison(cmp))
     print(f"\nplot: {plot}")
+    if args.html: print(f"page: {comparison_html(cmp, args.html)}")
     return 0
 
 # %% ../nbs/99_cli.ipynb #6ab15032
@@ -194,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = _subcommand(sub, "compare", cmd_compare, "two runs on the same test ratings: each difference with a paired bootstrap 95%% interval and a verdict, per segment; a plot")
     s.add_argument("run_a", metavar="RUN_A"); s.add_argument("run_b", metavar="RUN_B")
     s.add_argument("--plot", metavar="FILE", help="where to write the plot (default: beside RUN_B)")
+    s.add_argument("--html", metavar="FILE", help="also write the comparison as a self-contained HTML page (tables, verdicts, the plot)")
     return p
 
 # %% ../nbs/99_cli.ipynb #4a9e1f37

@@ -18,8 +18,8 @@ from .core import MovierecError, data_dir, get_logger
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'NO_GENRE', 'ML100K_GENRES', 'LAYOUTS', 'SPLITS', 'MovieLens', 'split_title', 'write_grouplens_100k',
-           'detect_format', 'load_movielens', 'split_by_time']
+__all__ = ['log', 'NO_GENRE', 'ML100K_GENRES', 'LAYOUTS', 'SPLITS', 'SPLIT_KINDS', 'MovieLens', 'split_title',
+           'write_grouplens_100k', 'detect_format', 'load_movielens', 'split_by_time']
 
 # %% ../nbs/01_data.ipynb #759a34b8
 @dataclass
@@ -300,13 +300,30 @@ def load_movielens(path_or_name, download: bool = False) -> MovieLens:
     return MovieLens(name=name, ratings=ratings, movies=movies, scale=scale, path=folder, notes=notes)
 
 # %% ../nbs/01_data.ipynb #f614e384
-SPLITS = ("train", "val", "test")
+def _split_global(r: pd.DataFrame, val_frac: float, test_frac: float, min_ratings: int) -> pd.DataFrame:
+    "`r` (sorted by user, time, movie) split at two global cut-off times; val/test ratings of users with too few training ratings dropped."
+    ts = np.sort(r.timestamp.to_numpy())
+    t_val, t_test = ts[int(len(ts) * (1 - val_frac - test_frac))], ts[min(int(len(ts) * (1 - test_frac)), len(ts) - 1)]
+    t = r.timestamp.to_numpy()
+    code = np.where(t >= t_test, 2, np.where(t >= t_val, 1, 0))
+    n_train = pd.Series(code == 0).groupby(r.user_id.to_numpy()).transform("sum").to_numpy()
+    keep = (code == 0) | (n_train >= max(min_ratings, 1))
+    r = r[keep].reset_index(drop=True)
+    r["split"] = pd.Categorical.from_codes(code[keep], categories=list(SPLITS))
+    return r
 
-def split_by_time(ratings: pd.DataFrame, val_frac: float = 0.1, test_frac: float = 0.1, min_ratings: int = 5) -> pd.DataFrame:
-    "The ratings sorted by (user, time, movie) with a `split` column in {train, val, test}, per user by time."
+# %% ../nbs/01_data.ipynb #3e8438c5
+SPLITS = ("train", "val", "test")
+SPLIT_KINDS = ("user", "global")
+
+def split_by_time(ratings: pd.DataFrame, val_frac: float = 0.1, test_frac: float = 0.1, min_ratings: int = 5,
+                  split: str = "user") -> pd.DataFrame:
+    "The ratings sorted by (user, time, movie) with a `split` column in {train, val, test}: per user by time, or at global cut-off times."
     if not (0 <= val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
         raise MovierecError(f"val_frac={val_frac} and test_frac={test_frac} must be fractions that leave some training ratings.")
+    if split not in SPLIT_KINDS: raise MovierecError(f"split={split!r} is not a split; choose one of {', '.join(SPLIT_KINDS)}.")
     r = ratings.sort_values(["user_id", "timestamp", "movie_id"], kind="stable").reset_index(drop=True)
+    if split == "global": return _split_global(r, val_frac, test_frac, min_ratings)
     user = r.user_id.to_numpy()
     starts = np.r_[0, np.flatnonzero(user[1:] != user[:-1]) + 1]
     n = np.diff(np.r_[starts, len(r)])

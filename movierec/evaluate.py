@@ -33,7 +33,7 @@ __all__ = ['log', 'METRICS', 'VECTOR_METRICS', 'LOWER_IS_BETTER', 'HISTORY_EDGES
 # %% ../nbs/06_evaluate.ipynb #f219916e
 class EvaluateConfig(Knobs):
     "The evaluate stage's knobs: how many test ratings every model scores, which optional rows, the intervals."
-    eval_sample: Literal["auto"] | PositiveInt | None = knob("auto", "test ratings scored by every model; auto: 300 on a CPU, all on a GPU; null: all")
+    eval_sample: Literal["auto"] | PositiveInt | None = knob("auto", "test ratings scored by every model; auto: 1000 on a CPU, all on a GPU; null: all")
     zero_shot: bool = knob(True, "also score the base model without the adapter")
     blend: list[str] = knob(["lora", "svd"], "models whose predictions the `blend` row combines linearly (least squares on validation targets); none: no blend row")
     blend_sample: Literal["auto"] | PositiveInt | None = knob("auto", "validation targets the blend is fitted on; auto: as many as eval_sample, at most 300, on a CPU, all on a GPU; null: all")
@@ -50,7 +50,7 @@ class EvaluateConfig(Knobs):
         if "auto" not in (self.eval_sample, self.blend_sample): return self
         dev = device if device and device != "auto" else pick_device(self.device)
         gpu = str(dev).startswith("cuda")
-        sample = self.eval_sample if self.eval_sample != "auto" else None if gpu else 300
+        sample = self.eval_sample if self.eval_sample != "auto" else None if gpu else 1000
         blend = self.blend_sample if self.blend_sample != "auto" else None if gpu else min(300, sample or 300)
         return self.replace(eval_sample=sample, blend_sample=blend)
 

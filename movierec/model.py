@@ -19,7 +19,7 @@ TINY = "tiny-llama"  # a base-model spec: `load_base(TINY)` gives `tiny_llama()`
 
 # %% auto #0
 __all__ = ['log', 'TINY', 'resolve_base', 'load_tokenizer', 'smollm2_tokenizer', 'model_input', 'rating_token_ids', 'tiny_llama',
-           'load_base', 'read_adapter_meta', 'load_adapter']
+           'rank_device', 'load_base', 'read_adapter_meta', 'load_adapter']
 
 # %% ../nbs/03_model.ipynb #21ca0ded
 def resolve_base(base_model: str | os.PathLike | None = None) -> tuple[str, str | None]:
@@ -119,11 +119,19 @@ def _clear_gguf_quantizer(model) -> None:
     if getattr(model, "is_quantized", False): model.is_quantized = False
 
 # %% ../nbs/03_model.ipynb #0e2ceb2d
+def rank_device(device: str) -> str:
+    "`device` for this process: a plain `cuda` becomes `cuda:LOCAL_RANK` (and the current CUDA device) in a process torchrun started."
+    if device != "cuda" or "LOCAL_RANK" not in os.environ: return device
+    import torch
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"
+
+# %% ../nbs/03_model.ipynb #6b0003d1
 def load_base(base_model=None, device: str | None = None, dtype=None, load_in_4bit: bool = False):
     "Load `(model, tokenizer)`: the default SmolLM2 GGUF, a `.gguf`, a folder, a Hugging Face id, or `\"tiny-llama\"`."
-    import torch
     from transformers import AutoModelForCausalLM
-    device = pick_device(device)
+    device = rank_device(pick_device(device))
     if base_model == TINY:
         tokenizer = smollm2_tokenizer()
         return tiny_llama(tokenizer).to(device=device, dtype=_pick_dtype(device, dtype)), tokenizer
@@ -136,7 +144,7 @@ def load_base(base_model=None, device: str | None = None, dtype=None, load_in_4b
         if gguf_file is not None:
             raise MovierecError("4-bit loading works on Hugging Face checkpoints, not on a GGUF file; pass an HF id or folder.")
         try: import bitsandbytes  # noqa: F401
-        except ImportError: raise MovierecError("4-bit loading needs the bitsandbytes package: pip install bitsandbytes.")
+        except ImportError: raise MovierecError("4-bit loading needs the bitsandbytes package, movierec's `cuda` extra: pip install -e '.[cuda]' (or pip install bitsandbytes).")
         from transformers import BitsAndBytesConfig
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_use_double_quant=True)

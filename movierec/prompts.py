@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -19,15 +21,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import field_validator
 
+from .classic import (CLASSIC_FILE, CLASSIC_NAMES, ClassicPredictor, KNNPredictor, OutOfFold, fit_classic, fit_out_of_fold,
+                              save_classic)
 from .core import Knobs, MovierecError, atomic_path, get_logger, knob, seed_knob, write_json
-from .data import SPLITS, MovieLens, load_movielens, split_by_time
+from .data import SPLIT_KINDS, SPLITS, MovieLens, load_movielens, split_by_time
 
 log = get_logger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'RATING_PREFIX', 'TEMPLATES', 'DEFAULT_TEMPLATE', 'RESPONSE', 'REASONING', 'COLUMNS', 'KEY', 'ROWS_PER_CHUNK',
-           'get_template', 'stars', 'PrepareConfig', 'PromptContext', 'prompt_context', 'profile_prompts',
-           'iter_examples', 'build_examples', 'prompts_for_user', 'prepare', 'read_examples', 'load_prepared']
+           'get_template', 'stars', 'PrepareConfig', 'PromptContext', 'prompt_context', 'signal_models',
+           'profile_prompts', 'train_targets', 'fit_signal', 'iter_examples', 'build_examples', 'prompts_for_user',
+           'prepare', 'read_examples', 'load_prepared']
 
 # %% ../nbs/02_prompts.ipynb #5972468c
 RATING_PREFIX = "Rating Prediction: "
@@ -61,7 +66,27 @@ TEMPLATES = {
         "movie_stats_none": "not rated yet",
     },
 }
-DEFAULT_TEMPLATE = "compact"  # the prepare knob's default, and what the formatter uses when not told
+# compact, plus the collaborative signal as text: the user's rated movies most similar to this one
+# (KNNBaseline's item-item similarity) with their ratings, and classic models' estimates
+TEMPLATES["hybrid"] = {
+    **TEMPLATES["compact"],
+    "prompt": TEMPLATES["compact"]["prompt"] + "\nYou rated similar movies: {similar}\nEstimates: {estimates}",
+    "similar": 3, "similar_sep": ", ", "similar_item": "{title_year} {rating}",
+    # classic model -> its name in the prompt: the three whose linear stack beat each of them on ML-100K (bench/ablations.py)
+    "estimates": {"svdpp": "SVD++", "knn_baseline": "item-kNN", "knn_user": "user-kNN"},
+}
+# the signal with a shorter profile (no liked/disliked titles: the similar movies are the targeted
+# version of them), and the estimates' mean as one number to read: about 60 tokens fewer than hybrid
+TEMPLATES["hybrid_short"] = {
+    **TEMPLATES["hybrid"],
+    "prompt": ("Predict the user's rating (1-5) of the movie.\n"
+               "User: {history_len} ratings, mean {user_mean}; genres liked: {preferred}; disliked: {avoided}\n"
+               "Movie: {title_year}; {genres}; {movie_stats}\n"
+               "You rated similar movies: {similar}\n"
+               "Estimates: {estimates}"),
+    "estimates_mean": " (mean {mean})",
+}
+DEFAULT_TEMPLATE = "hybrid_short"  # the prepare knob's default, and what the formatter uses when not told
 RESPONSE = RATING_PREFIX + "{stars}/5"  # `_responses` inlines it as an f-string for speed
 REASONING = ("\nReasoning: The user has rated {history_len} movies (mean {user_mean}) and prefers {preferred}; "
              "this movie is {genres}.\nConfidence: {confidence}")
@@ -87,9 +112,15 @@ class PrepareConfig(Knobs):
     template: str = knob(DEFAULT_TEMPLATE, "prompt template: " + ", ".join(TEMPLATES))
     min_history: int = knob(10, "training targets need at least this many earlier ratings", ge=0)
     max_per_user: int = knob(50, "at most this many training examples per user; 0: all", ge=0)
+    train_targets: Literal["spread", "recent"] = knob("recent", "which training ratings become examples: spread (a seeded sample over each "
+                                                      "user's history) or recent (each user's latest, about as many as their test ratings)")
+    split: Literal[SPLIT_KINDS] = knob("user", "user: each user's latest ratings are val/test; global: ratings after one cut-off time for everybody")
     val_frac: float = knob(0.1, "share of each user's latest ratings kept for validation", ge=0, lt=1)
     test_frac: float = knob(0.1, "share of each user's latest ratings kept for testing", gt=0, lt=1)
     min_ratings: int = knob(5, "users with fewer ratings only train", ge=1)
+    history: Literal["train", "before"] = knob("train", "a profile reads the user's training ratings before the target (train: what the "
+                                               "classic models see) or every rating before it (before: val/test ratings too)")
+    folds: int = knob(5, "folds of users for the out-of-fold estimates in training prompts (hybrid template)", ge=2)
     seed: int = seed_knob()
 
     @field_validator("template")
@@ -113,6 +144,10 @@ class PromptContext:
     template: dict
     t0: int = 0                # earliest timestamp; span = latest - t0 + 2 (any unit: seconds or milliseconds)
     span: int = 1
+    history: str = "train"     # which of the user's ratings a profile reads: only "train" ones, or every one "before" the target
+    signal: OutOfFold | None = None  # fitted classic models, for templates that quote them (hybrid)
+    signal_key: str | None = None    # which training targets `signal`'s folds held out
+    inner_items: dict = field(default_factory=dict)  # fold -> KNNBaseline's inner id of every movie (cache)
 
     def time_key(self, movie_idx, ts) -> np.ndarray:
         "Sort key of (movie, time); times are clipped into [t0, latest + 1], and `None`-like huge times mean 'after all'."
@@ -128,8 +163,10 @@ class PromptContext:
         return idx
 
 # %% ../nbs/02_prompts.ipynb #48bf06f7
-def prompt_context(ml: MovieLens, split_ratings: pd.DataFrame, template: str | dict = DEFAULT_TEMPLATE) -> PromptContext:
-    "Per-movie text and the training ratings' running sums, for `build_examples` and `prompts_for_user`."
+def prompt_context(ml: MovieLens, split_ratings: pd.DataFrame, template: str | dict = DEFAULT_TEMPLATE, history: str = "train",
+                   classic: dict[str, ClassicPredictor] | None = None) -> PromptContext:
+    "Per-movie text and the training ratings' running sums (and `classic` models fitted on them), for `build_examples` and `prompts_for_user`."
+    if history not in ("train", "before"): raise MovierecError(f"history={history!r} is not accepted; choose train or before.")
     mv = ml.movies.sort_values("movie_id")
     year = mv.year.astype("Int64")
     title = mv.title.to_numpy(dtype=object)
@@ -149,6 +186,8 @@ def prompt_context(ml: MovieLens, split_ratings: pd.DataFrame, template: str | d
     order = np.argsort(key, kind="stable")
     ctx.train_key = key[order]
     ctx.train_csum = np.r_[0.0, np.cumsum(tr.rating.to_numpy(np.float64)[order])]
+    ctx.history = history
+    if classic is not None: ctx.signal = OutOfFold(dict(classic), [], pd.Series(dtype=np.int64))
     return ctx
 
 # %% ../nbs/02_prompts.ipynb #fce475a4
@@ -183,10 +222,61 @@ def _positional(text: str) -> tuple[str, list[str]]:
             out.append("{" + str(names.index(name)) + ("!" + conv if conv else "") + (":" + spec if spec else "") + "}")
     return "".join(out), names
 
+# %% ../nbs/02_prompts.ipynb #c8afc364
+def signal_models(template: dict) -> list[str]:
+    "The classic models a template quotes (its estimates, and KNNBaseline for similar movies); [] for none."
+    fields = set(_positional(template["prompt"])[1])
+    names = list(template.get("estimates", {})) if "estimates" in fields else []
+    if "similar" in fields and "knn_baseline" not in names: names.append("knn_baseline")
+    return names
+
+# %% ../nbs/02_prompts.ipynb #6c544704
+def _similar_rated(ctx: PromptContext, hist: pd.DataFrame, s, h, movie_idx, fold) -> list[str]:
+    "Per target: the history's movies most similar to the movie (its fold's KNNBaseline), as text with the user's ratings."
+    tp = ctx.template
+    out, hm, rating = [tp["none"]] * len(s), hist.movie_idx.to_numpy(), hist.rating.to_numpy(np.float64)
+    fmt, names = _positional(tp["similar_item"])
+    for f in np.unique(fold).tolist():
+        knn = ctx.signal.models(f)["knn_baseline"]
+        if f not in ctx.inner_items: ctx.inner_items[f] = knn.item_index(ctx.movie_ids)
+        inner, sim = ctx.inner_items[f], knn.algo.sim
+        for j in np.flatnonzero(fold == f).tolist():
+            i, rows = inner[movie_idx[j]], np.arange(s[j], h[j])
+            if i < 0 or not len(rows): continue
+            rows = rows[inner[hm[rows]] >= 0]
+            sims = sim[i, inner[hm[rows]]]
+            top = rows[np.argsort(-sims, kind="stable")[:tp["similar"]]]
+            top = top[sim[i, inner[hm[top]]] > 0]
+            if len(top):
+                vals = {"title": ctx.title[hm[top]], "title_year": ctx.title_year[hm[top]], "rating": [f"{r:g}" for r in rating[top]]}
+                out[j] = tp["similar_sep"].join(fmt.format(*v) for v in zip(*[vals[k] for k in names]))
+    return out
+
+# %% ../nbs/02_prompts.ipynb #7aac48e7
+def _estimates(ctx: PromptContext, hist: pd.DataFrame, s, h, user_ids, movie_idx, fold) -> tuple[np.ndarray, list[str]]:
+    "Per target: each quoted classic model's estimate (from its fold's models), as numbers and as text."
+    names, user_ids = ctx.template["estimates"], np.asarray(user_ids)
+    est = np.full((len(fold), len(names)), np.nan)
+    for f in np.unique(fold).tolist():
+        sel, models = fold == f, ctx.signal.models(f)
+        for c, name in enumerate(names):
+            est[sel, c] = models[name].predict_pairs(user_ids[sel], ctx.movie_ids[movie_idx[sel]])
+            if not isinstance(models[name], KNNPredictor): continue
+            for j in np.flatnonzero(sel).tolist():  # a user the model never saw (a new user): from the history, no refit
+                if models[name].knows_user(user_ids[j]): continue
+                rows = slice(s[j], h[j])
+                est[j, c] = models[name].predict_from_ratings([ctx.movie_ids[movie_idx[j]]], ctx.movie_ids[hist.movie_idx.to_numpy()[rows]],
+                                                              hist.rating.to_numpy()[rows])[0]
+    text = [", ".join(f"{label} {v:.1f}" for label, v in zip(names.values(), row)) for row in est.tolist()]
+    if mean := ctx.template.get("estimates_mean"):
+        text = [t + mean.format(mean=f"{m:.1f}") for t, m in zip(text, est.mean(axis=1).tolist())]
+    return est, text
+
 # %% ../nbs/02_prompts.ipynb #683b178d
-def profile_prompts(ctx: PromptContext, hist: pd.DataFrame, s, h, movie_idx, ts) -> pd.DataFrame:
+def profile_prompts(ctx: PromptContext, hist: pd.DataFrame, s, h, movie_idx, ts, user_ids=None, fold=None) -> pd.DataFrame:
     """Prompts for targets (history rows `s..h-1` of `hist`, movie index, time) with the profile's numbers.
-    `hist` is sorted by (user, timestamp, movie_id) and has a `movie_idx` column."""
+    `hist` is sorted by (user, timestamp, movie_id) and has a `movie_idx` column. Templates quoting classic
+    models also need each target's `user_ids` and `fold` (-1, the default: models fitted on all training ratings)."""
     tp = ctx.template
     s, h, movie_idx, ts = (np.asarray(a, dtype=np.int64) for a in (s, h, movie_idx, ts))
     rating = hist.rating.to_numpy(np.float64)
@@ -229,9 +319,18 @@ def profile_prompts(ctx: PromptContext, hist: pd.DataFrame, s, h, movie_idx, ts)
         fields["movie_stats"] = [fmt.format(*vals) if c else tp["movie_stats_none"]
                                  for c, *vals in zip(stat["movie_count"], *[stat[k] for k in names])]
     fmt, names = _positional(tp["prompt"])
+    extra = {}
+    if signal_models(tp):
+        if ctx.signal is None: raise MovierecError("This template quotes classic models: build the context with them (prompt_context(..., classic=...)).")
+        if user_ids is None: raise MovierecError("This template quotes classic models: pass the targets' user_ids.")
+        fold = np.full(len(s), -1, np.int64) if fold is None else np.asarray(fold, np.int64)
+        if "similar" in names: fields["similar"] = _similar_rated(ctx, hist, s, h, movie_idx, fold)
+        if "estimates" in names:
+            est, fields["estimates"] = _estimates(ctx, hist, s, h, user_ids, movie_idx, fold)
+            extra = {f"est_{k}": est[:, c].astype(np.float32) for c, k in enumerate(tp["estimates"])}
     prompt = [fmt.format(*vals) for vals in zip(*[fields[k] for k in names])]
     return pd.DataFrame({"history_len": n, "user_mean": user_mean.astype(np.float32), "movie_mean": mmean.astype(np.float32),
-                         "movie_count": mcount, "prompt": prompt, "_preferred": fields["preferred"], "_genres": fields["genres"]})
+                         "movie_count": mcount, "prompt": prompt, "_preferred": fields["preferred"], "_genres": fields["genres"], **extra})
 
 # %% ../nbs/02_prompts.ipynb #34e72cbb
 COLUMNS = ["user_id", "movie_id", "timestamp", "rating", "history_len", "prompt", "response",
@@ -267,6 +366,31 @@ def _hash01(user: np.ndarray, movie: np.ndarray, seed: int) -> np.ndarray:
         x ^= x >> np.uint64(31)
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
+# %% ../nbs/02_prompts.ipynb #0403ca4d
+def train_targets(r: pd.DataFrame, cfg: PrepareConfig) -> np.ndarray:
+    "Which rows of `r` (whole users, sorted by user, time, movie, with `split`) are training targets: a bool per row."
+    user, ts, movie = r.user_id.to_numpy(), r.timestamp.to_numpy(), r.movie_id.to_numpy()
+    idx = np.arange(len(r))
+    new_user = np.r_[True, user[1:] != user[:-1]] if len(r) else np.zeros(0, bool)
+    s = np.maximum.accumulate(np.where(new_user, idx, 0)) if len(r) else idx
+    new_time = new_user | np.r_[True, ts[1:] != ts[:-1]] if len(r) else new_user
+    h = np.maximum.accumulate(np.where(new_time, idx, 0)) if len(r) else idx  # ratings before this (user, time)
+    is_train = (r.split == "train").to_numpy()
+    cand = np.flatnonzero(is_train & ((h - s) >= cfg.min_history))
+    if cfg.train_targets == "spread":
+        if cfg.max_per_user and len(cand):
+            rank = pd.Series(_hash01(user[cand], movie[cand], cfg.seed)).groupby(user[cand]).rank(method="first")
+            cand = cand[rank.to_numpy() <= cfg.max_per_user]
+    elif len(cand):
+        n_train = pd.Series(is_train).groupby(user).transform("sum").to_numpy()[cand]
+        quota = np.maximum(1, np.floor(n_train * cfg.test_frac / (1 - cfg.val_frac - cfg.test_frac) + 1e-9))
+        if cfg.max_per_user: quota = np.minimum(quota, cfg.max_per_user)
+        from_end = pd.Series(cand).groupby(user[cand]).cumcount(ascending=False).to_numpy()  # 0: the latest
+        cand = cand[from_end < quota]
+    out = np.zeros(len(r), bool)
+    out[cand] = True
+    return out
+
 # %% ../nbs/02_prompts.ipynb #1a498c75
 def _responses(rating: np.ndarray, prof: pd.DataFrame, reasoning: bool) -> list[str]:
     "The response text of each target; `prof` (from `profile_prompts`) fills the reasoning lines."
@@ -278,36 +402,51 @@ def _responses(rating: np.ndarray, prof: pd.DataFrame, reasoning: bool) -> list[
             for x, n, m, p, g, c in zip(st, prof.history_len.tolist(), prof.user_mean.tolist(), prof._preferred, prof._genres, conf)]
 
 # %% ../nbs/02_prompts.ipynb #6831e7a7
+def _history_bounds(hist: pd.DataFrame, user, ts) -> tuple[np.ndarray, np.ndarray]:
+    "For targets (user, time): the rows `s..h-1` of `hist` (sorted by user, time) that are the user's ratings strictly before that time."
+    hu, ht = hist.user_id.to_numpy(), hist.timestamp.to_numpy(np.int64)
+    users = np.unique(np.r_[hu, np.asarray(user)])
+    t0 = min(ht.min(initial=0), np.min(ts, initial=0))
+    span = max(ht.max(initial=0), np.max(ts, initial=0)) - t0 + 2
+    key = np.searchsorted(users, hu).astype(np.int64) * span + (ht - t0)
+    code = np.searchsorted(users, user).astype(np.int64)
+    return np.searchsorted(key, code * span, "left"), np.searchsorted(key, code * span + (np.asarray(ts, np.int64) - t0), "left")
+
+# %% ../nbs/02_prompts.ipynb #9c226eb6
 def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, splits, reasoning: bool) -> dict:
     "Examples (`COLUMNS`) for one chunk of whole users; `r` sorted by (user, time, movie) with `split` and `movie_idx`."
-    user, ts = r.user_id.to_numpy(), r.timestamp.to_numpy()
-    idx = np.arange(len(r))
-    new_user = np.r_[True, user[1:] != user[:-1]]
-    s = np.maximum.accumulate(np.where(new_user, idx, 0))
-    new_time = new_user | np.r_[True, ts[1:] != ts[:-1]]
-    h = np.maximum.accumulate(np.where(new_time, idx, 0))  # first row of this (user, time): history ends there
-    split = r.split.to_numpy()
-    parts = []
-    for name in splits:
-        keep = split == name
-        if name == "train":
-            keep &= (h - s) >= cfg.min_history
-            cand = np.flatnonzero(keep)
-            if cfg.max_per_user and len(cand):
-                rank = pd.Series(_hash01(user[cand], r.movie_id.to_numpy()[cand], cfg.seed)).groupby(user[cand]).rank(method="first")
-                cand = cand[rank.to_numpy() <= cfg.max_per_user]
-        else:
-            cand = np.flatnonzero(keep)
-        parts.append(cand)
+    user, ts, split = r.user_id.to_numpy(), r.timestamp.to_numpy(), r.split.to_numpy()
+    is_target = train_targets(r, cfg)
+    parts = [np.flatnonzero(is_target) if name == "train" else np.flatnonzero(split == name) for name in splits]
     cand = np.concatenate(parts)  # one profile pass for every split: the running sums are computed once
-    prof = profile_prompts(ctx, r, s[cand], h[cand], r.movie_idx.to_numpy()[cand], ts[cand])
+    # the history a profile reads: every earlier rating, or (history="train") only the earlier training ratings
+    hist = r if ctx.history == "before" else r[~np.isin(split, ["val", "test"])]
+    s, h = _history_bounds(hist, user[cand], ts[cand])
+    fold = None
+    if ctx.signal is not None:  # training targets read their fold's models, the others the full ones
+        fold = np.where(is_target[cand], ctx.signal.fold_of(user[cand]), -1)
+    prof = profile_prompts(ctx, hist, s, h, r.movie_idx.to_numpy()[cand], ts[cand], user_ids=user[cand], fold=fold)
     rating = r.rating.to_numpy()[cand]
     df = pd.DataFrame({"user_id": user[cand], "movie_id": r.movie_id.to_numpy()[cand], "timestamp": ts[cand],
                        "rating": rating, "history_len": prof.history_len.to_numpy(), "prompt": prof.prompt,
                        "response": _responses(rating, prof, reasoning), "user_mean": prof.user_mean,
-                       "movie_mean": prof.movie_mean, "movie_count": prof.movie_count})
+                       "movie_mean": prof.movie_mean, "movie_count": prof.movie_count,
+                       **{c: prof[c].to_numpy() for c in prof.columns if c.startswith("est_")}})
     ends = np.cumsum([len(p) for p in parts])
     return {name: df.iloc[e - len(p):e].reset_index(drop=True) for name, p, e in zip(splits, parts, ends)}
+
+# %% ../nbs/02_prompts.ipynb #e2195ca5
+def fit_signal(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, names) -> OutOfFold:
+    "Fit `names` out of fold, holding out the training targets of `r` (all users, sorted), into `ctx.signal` (kept if already fitted for them)."
+    held = train_targets(r, cfg)
+    key = hashlib.sha256(np.ascontiguousarray(r[held][["user_id", "movie_id"]].to_numpy(np.int64)).tobytes()
+                         + f"{cfg.folds}/{cfg.seed}/{sorted(names)}".encode()).hexdigest()
+    if ctx.signal is None or ctx.signal_key != key:
+        t0 = time.perf_counter()
+        ctx.signal, ctx.signal_key, ctx.inner_items = fit_out_of_fold(r, held, cfg.folds, cfg.seed, names), key, {}
+        log.info("fitted %s on the training ratings, and in %d folds without the %s training targets, in %.0f s",
+                 ", ".join(names), cfg.folds, f"{held.sum():,}", time.perf_counter() - t0)
+    return ctx.signal
 
 # %% ../nbs/02_prompts.ipynb #be5b0309
 ROWS_PER_CHUNK = 500_000  # about 1-2 GB of working memory per chunk at ML-25M's shape
@@ -316,8 +455,10 @@ def iter_examples(ml: MovieLens, split_ratings: pd.DataFrame, cfg: PrepareConfig
                   reasoning: bool = False, rows_per_chunk: int = ROWS_PER_CHUNK, ctx: PromptContext | None = None):
     "Yield dicts split -> examples DataFrame, one per chunk of whole users (bounded memory for large datasets)."
     cfg = PrepareConfig() if cfg is None else cfg
-    ctx = ctx or prompt_context(ml, split_ratings, cfg.template)
+    ctx = ctx or prompt_context(ml, split_ratings, cfg.template, cfg.history)
     r = _sorted_with_index(ctx, split_ratings)
+    if names := signal_models(ctx.template):
+        fit_signal(ctx, r, cfg, names)
     for chunk in _user_chunks(r, rows_per_chunk):
         yield _chunk_examples(ctx, chunk, cfg, splits, reasoning)
 
@@ -330,17 +471,27 @@ def build_examples(ml: MovieLens, split_ratings: pd.DataFrame, cfg: PrepareConfi
 
 # %% ../nbs/02_prompts.ipynb #af85dd13
 def prompts_for_user(ml: MovieLens, split_ratings: pd.DataFrame, user_id, movie_ids, template: str | dict = DEFAULT_TEMPLATE,
-                     at_time=None, ctx: PromptContext | None = None) -> list[str]:
-    "One prompt per candidate movie for `user_id`, with the same formatter as `build_examples`."
-    ctx = ctx or prompt_context(ml, split_ratings, template)
+                     at_time=None, ctx: PromptContext | None = None, history: str = "train",
+                     classic: dict[str, ClassicPredictor] | None = None) -> list[str]:
+    """One prompt per candidate movie for `user_id`, with the same formatter as `build_examples`.
+    Templates quoting classic models use `classic` (fitted on the training ratings, e.g. `classic.load_classic(data_dir)`),
+    fitted here when not given; `history` says which of the user's ratings the profile reads (as prepared)."""
+    ctx = ctx or prompt_context(ml, split_ratings, template, history)
+    if (names := signal_models(ctx.template)) and ctx.signal is None:  # fitted once per context
+        if classic is None:
+            log.warning("fitting %s for these prompts; pass classic= (the prepared data's %s) to reuse fitted ones", ", ".join(names), CLASSIC_FILE)
+            classic = fit_classic(split_ratings, seed=PrepareConfig().seed, names=names)
+        ctx.signal = OutOfFold(dict(classic), [], pd.Series(dtype=np.int64))
     u = split_ratings[split_ratings.user_id == user_id]
     if u.empty: raise MovierecError(f"User {user_id} has no ratings in this dataset; pick a user id from ratings.parquet.")
+    if ctx.history == "train" and "split" in u: u = u[~u.split.isin(["val", "test"])]
     u = u.sort_values(["timestamp", "movie_id"], kind="stable", ignore_index=True)
     u = u.assign(movie_idx=ctx.movie_index(u.movie_id.to_numpy()))
     t = np.iinfo(np.int64).max // 2 if at_time is None else int(at_time)
     h = int(np.searchsorted(u.timestamp.to_numpy(), t, "left")) if at_time is not None else len(u)
     m = ctx.movie_index(list(movie_ids))
-    return profile_prompts(ctx, u, np.zeros(len(m)), np.full(len(m), h), m, np.full(len(m), t)).prompt.tolist()
+    return profile_prompts(ctx, u, np.zeros(len(m)), np.full(len(m), h), m, np.full(len(m), t),
+                           user_ids=np.full(len(m), user_id)).prompt.tolist()
 
 # %% ../nbs/02_prompts.ipynb #f0abaa36
 def _length_stats(lengths: list[np.ndarray]) -> dict:
@@ -376,15 +527,21 @@ def prepare(cfg: PrepareConfig | None, out_dir, ml: MovieLens | None = None, rea
     t0 = time.perf_counter()
     if ml is None: ml = load_movielens(cfg.dataset, download=cfg.download)
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    sr = split_by_time(ml.ratings, val_frac=cfg.val_frac, test_frac=cfg.test_frac, min_ratings=cfg.min_ratings)
-    counts, prompt_bytes = _write_examples(iter_examples(ml, sr, cfg, SPLITS, reasoning, rows_per_chunk), out)
+    sr = split_by_time(ml.ratings, val_frac=cfg.val_frac, test_frac=cfg.test_frac, min_ratings=cfg.min_ratings, split=cfg.split)
+    ctx = prompt_context(ml, sr, cfg.template, cfg.history)
+    counts, prompt_bytes = _write_examples(iter_examples(ml, sr, cfg, SPLITS, reasoning, rows_per_chunk, ctx=ctx), out)
+    classic = None
+    if ctx.signal is not None:  # every classic model, fitted on all training ratings, saved for the later stages to reuse
+        models = {**fit_classic(sr, cfg.seed, [n for n in CLASSIC_NAMES if n not in ctx.signal.full]), **ctx.signal.full}
+        save_classic({n: models[n] for n in CLASSIC_NAMES}, out / CLASSIC_FILE)
+        classic = {"file": CLASSIC_FILE, "models": list(CLASSIC_NAMES), "quoted": list(ctx.signal.full), "folds": cfg.folds}
     with atomic_path(out / "ratings.parquet") as tmp: sr.to_parquet(tmp, index=False)
     with atomic_path(out / "movies.parquet") as tmp: ml.movies.to_parquet(tmp, index=False)
     meta = {"dataset": ml.name, "path": str(ml.path) if ml.path else None, "scale": list(ml.scale), "notes": ml.notes,
             "params": {**cfg.model_dump(exclude={"dataset", "download"}), "reasoning": reasoning},
             "ratings": {k: int(v) for k, v in sr.split.value_counts().reindex(list(SPLITS), fill_value=0).items()},
             "examples": counts, "users": int(sr.user_id.nunique()), "movies": int(len(ml.movies)),
-            "prompt_bytes": {k: _length_stats(v) for k, v in prompt_bytes.items()},
+            "prompt_bytes": {k: _length_stats(v) for k, v in prompt_bytes.items()}, "classic": classic,
             "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "data.json", meta)
     log.info("prepared %s in %s: %s", ml.name, out, counts)

@@ -5,7 +5,11 @@
 # %% ../nbs/13_report.ipynb #b20c73f9
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +20,16 @@ import yaml
 from .core import MovierecError, RunLayout, atomic_path, write_text
 from .evaluate import (INFO_COLUMNS, LOWER_IS_BETTER, RANKING_USERS, SEGMENT_TITLES, check_ranking_users, format_interval,
                                interval_panel, metric_difference, metrics_table, paired_interval, segment_rows, verdict)
+from .explain import format_reasons
+from .params import knob_sections
 from .pipeline import read_stages
+from .recommend import RecommendConfig, evaluation_users, prepared_dataset, recommend
 
 # %% auto #0
-__all__ = ['COMPARED', 'segments_table', 'write_report', 'model_columns', 'read_predictions', 'paired_predictions',
-           'compare_metrics', 'compare_segments', 'compare_ranking', 'Comparison', 'compare_runs', 'plot_comparison',
-           'format_comparison']
+__all__ = ['COMPARED', 'REPORT_HTML', 'segments_table', 'plot_files', 'write_report', 'model_columns', 'read_predictions',
+           'paired_predictions', 'compare_metrics', 'compare_segments', 'compare_ranking', 'Comparison', 'compare_runs',
+           'plot_comparison', 'comparison_frame', 'format_comparison', 'png_data_uri', 'html_table', 'ranking_tables',
+           'example_recommendations', 'recommendations_table', 'write_report_html', 'comparison_html']
 
 # %% ../nbs/13_report.ipynb #11058662
 def _read_json(p: Path) -> dict:
@@ -43,6 +51,20 @@ def segments_table(metrics: dict, models: list[str] | None = None) -> pd.DataFra
     return table[["n", *[m for m in dict.fromkeys(seg.model) if m in table]]]
 
 # %% ../nbs/13_report.ipynb #25f09c00
+def _bootstrap_lines(metrics: dict) -> list[str]:
+    if not (boot := metrics.get("bootstrap")): return []
+    return [f"`vs_best_classic`: each model's RMSE minus that of the best classic model, `{boot['reference']}`, on the same "
+            f"ratings, with its 95% interval ({boot['method']}, {boot['resamples']} resamples); an interval that holds 0 is no "
+            "detectable difference.", ""]
+
+def _language_models(metrics: dict) -> list[str]:
+    return [e["model"] for e in metrics.get("models", []) if e.get("kind") != "baseline"]
+
+def _segments_line(metrics: dict) -> str:
+    return (f"RMSE minus `{metrics['segments']['reference']}`'s per bin (n ratings), with its paired 95% interval "
+            "(negative: the model wins). History: ratings before the target; popularity: the movie's training ratings; "
+            "a rating counts for each of its movie's genres.")
+
 def _blend_lines(metrics: dict) -> list[str]:
     e = next((e for e in metrics.get("models", []) if e.get("blend")), None)
     if not e: return []
@@ -51,6 +73,10 @@ def _blend_lines(metrics: dict) -> list[str]:
     val = ", ".join(f"{m} {r:.4f}" for m, r in (b.get("val_rmse") or {}).items())
     return [f"The `{e['model']}` row is {terms} {b['intercept']:+.3f}, clipped to the rating scale, fitted by least squares on "
             f"{b['n_fit']} validation targets (RMSE there: {val}; the blend's is in-sample) and applied unchanged to the test ratings.", ""]
+
+def plot_files(run: RunLayout) -> list[Path]:
+    "A run's figures: the evaluation's (`plots/`), then the training loss's (`adapter/`)."
+    return sorted(run.plots.glob("*.png")) + sorted(run.adapter.glob("*.png"))
 
 def write_report(run_dir: str | Path) -> Path:
     "Write `report.md` for a run folder from the files its stages left."
@@ -72,17 +98,11 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["", "## Metrics", ""]
     tbl = metrics_table(metrics) if metrics else pd.DataFrame()
     lines += [tbl.to_markdown(floatfmt=".4f") if len(tbl) else "_no metrics yet_", ""]
-    if boot := metrics.get("bootstrap"):
-        lines += [f"`vs_best_classic`: each model's RMSE minus that of the best classic model, `{boot['reference']}`, on the same "
-                  f"ratings, with its 95% interval ({boot['method']}, {boot['resamples']} resamples); an interval that holds 0 is no "
-                  "detectable difference.", ""]
-    lines += _blend_lines(metrics)
-    seg = segments_table(metrics, [e["model"] for e in metrics.get("models", []) if e.get("kind") != "baseline"])
+    lines += _bootstrap_lines(metrics) + _blend_lines(metrics)
+    seg = segments_table(metrics, _language_models(metrics))
     if len(seg):
-        lines += ["### Where the language models win, and where not", "",
-                  f"RMSE minus `{metrics['segments']['reference']}`'s per bin (n ratings), with its paired 95% interval "
-                  "(negative: the model wins). History: ratings before the target; popularity: the movie's training ratings; "
-                  "a rating counts for each of its movie's genres.", "", seg.reset_index().to_markdown(index=False), ""]
+        lines += ["### Where the language models win, and where not", "", _segments_line(metrics), "",
+                  seg.reset_index().to_markdown(index=False), ""]
     if metrics.get("ranking"):
         lines += ["### Ranking", "", f"Protocol: {metrics['ranking']['protocol']}.", "",
                   pd.DataFrame(metrics["ranking"]["models"]).set_index("model").to_markdown(floatfmt=("", ".0f", ".0f", ".3f", ".3f", ".3f")), ""]
@@ -94,7 +114,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Deployment", "", f"Ollama {dep.get('ollama_version', '')} model `{dep.get('name')}` at {dep.get('host')}; "
                   "parity of its expected ratings with PyTorch's on the same test prompts:", ""]
         if dep.get("parity"): lines += [pd.DataFrame(dep["parity"]).T.astype({"n": int}).to_markdown(floatfmt=".4f"), ""]
-    plots = sorted(run.plots.glob("*.png")) + sorted(run.adapter.glob("*.png"))
+    plots = plot_files(run)
     if plots: lines += ["## Plots", "", *[f"![{q.stem}]({q.relative_to(run.root)})" for q in plots], ""]
     return write_text(run.report, "\n".join(lines))
 
@@ -229,14 +249,187 @@ def plot_comparison(cmp: Comparison):
     return fig
 
 # %% ../nbs/13_report.ipynb #7742c891
+def comparison_frame(t: pd.DataFrame) -> pd.DataFrame:
+    "A comparison table (`compare_metrics`, `compare_segments`, `compare_ranking`) for reading: `B - A [95% interval]` in one column, the verdict last."
+    t = t.assign(**{"B - A [95% interval]": [format_interval(d, [lo, hi], 4) for d, lo, hi in zip(t["diff"], t.lo, t.hi)]})
+    return t.drop(columns=["diff", "lo", "hi", "verdict"]).assign(verdict=t.verdict)
+
+# %% ../nbs/13_report.ipynb #fdaf37e5
 def format_comparison(cmp: Comparison) -> str:
     "The comparison as plain text tables: differing knobs, metrics, RMSE by segment, ranking."
-    def fmt(t):
-        t = t.assign(**{"B - A [95% interval]": [format_interval(d, [lo, hi], 4) for d, lo, hi in zip(t["diff"], t.lo, t.hi)]})
-        return t.drop(columns=["diff", "lo", "hi", "verdict"]).assign(verdict=t.verdict).to_string(index=False, float_format=lambda x: f"{x:.4f}")
+    fmt = lambda t: comparison_frame(t).to_string(index=False, float_format=lambda x: f"{x:.4f}")
     out = [f"A = {cmp.a}, B = {cmp.b}: {cmp.n} test ratings predicted by both; B - A [95% paired bootstrap interval], verdict for B.", ""]
     out += ["parameters that differ:", cmp.params.to_string(index=False)] if len(cmp.params) else ["parameters: identical"]
     out += ["", "metrics:", fmt(cmp.metrics) if len(cmp.metrics) else "no model in both runs"]
     if len(cmp.segments): out += ["", "RMSE by segment:", fmt(cmp.segments)]
     if cmp.ranking is not None and len(cmp.ranking): out += ["", "ranking (per-user means):", fmt(cmp.ranking)]
     return "\n".join(out)
+
+# %% ../nbs/13_report.ipynb #b9079288
+REPORT_HTML = "report.html"
+
+def png_data_uri(png: str | Path | bytes) -> str:
+    "A PNG file (or its bytes) as a `data:image/png;base64,...` URI, to embed in a page."
+    data = png if isinstance(png, bytes) else Path(png).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+# %% ../nbs/13_report.ipynb #c5f05e1b
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:75em;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.5em 0 1.2em;font-size:.88em}th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right;vertical-align:top}
+thead th{background:#f0f0f0}.why{text-align:left}td.why{font-size:.92em}code{background:#f0f0f0;padding:0 .2em}
+img{max-width:100%;height:auto}figure{margin:1em 0 2em}figcaption{color:#555}
+td.better{background:#d9f2d9}td.worse{background:#f8d7d7}"""
+
+def html_table(df: pd.DataFrame, index: bool = True, digits: int = 4) -> str:
+    "`df` as an HTML table: cells escaped, floats with `digits` decimals, missing values `n/a`, verdicts coloured."
+    df = df.mask(df.isna(), np.nan).infer_objects()  # None (a correlation of a constant) prints as n/a too
+    if index and df.index.nlevels == 1 and df.index.name:  # the index's name in the header row, not in a row of its own
+        df = df.rename_axis(index=None, columns=df.index.name)
+    out = df.to_html(index=index, border=0, na_rep="n/a", float_format=lambda x: f"{x:.{digits}f}")
+    return re.sub(r"<td>(better|worse)</td>", r'<td class="\1">\1</td>', out)
+
+def _text(s: str) -> str:
+    "Escaped text, with report.md's `code` spans as <code>."
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(s, quote=False))
+
+def _figure(uri: str, caption: str) -> str:
+    return f'<figure><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+def _page(title: str, body: list[str]) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+# %% ../nbs/13_report.ipynb #77b89935
+def ranking_tables(metrics: dict) -> list[tuple[str, str, pd.DataFrame]]:
+    "metrics.json's ranking tables as (title, protocol, one row per model: users, each metric's mean [95% interval], coverage)."
+    r, out = metrics.get("ranking") or {}, []
+    for key, title in (("models", "every unseen movie"), ("sampled", "sampled candidates"), ("cold_start", "cold start")):
+        part = r if key == "models" else r.get(key) or {}
+        rows = []
+        for e in part.get("models") or []:
+            ci, vs = e.get("ci95") or {}, e.get("vs") or {}
+            row = {"model": e["model"], "users": e.get("users")}
+            for k, v in e.items():
+                if k in row or k == "coverage" or not isinstance(v, (int, float)): continue
+                row[k] = f"{v:.3f}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if ci.get(k) else "")
+            if e.get("coverage") is not None: row["coverage"] = e["coverage"]
+            ref = e["model"].split("+")[0]
+            if "+" in e["model"] and "ndcg@10" in vs.get(ref, {}):
+                row["ndcg@10 vs retriever"] = format_interval(vs[ref]["ndcg@10"]["diff"], vs[ref]["ndcg@10"]["ci95"])
+            rows.append(row)
+        if rows: out.append((title, part.get("protocol", ""), pd.DataFrame(rows).set_index("model")))
+    return out
+
+# %% ../nbs/13_report.ipynb #643fd2d8
+def example_recommendations(run_dir: str | Path, users: int = 3, top_k: int = 5) -> list[tuple[int, pd.DataFrame]]:
+    "(user id, the run's retriever's `top_k` before the user's test period with reasons and `test_rating`) for the ranking evaluation's first `users` users; [] without data/."
+    run = RunLayout(Path(run_dir))
+    if not users or not run.stage_done("01_prepare").exists(): return []
+    p = _read_params(run)
+    cfg = RecommendConfig.build({**{k: v for k, v in p.items() if k in RecommendConfig.model_fields}, "top_k": top_k}, str(run.params))
+    _, ratings, _ = prepared_dataset(run.data)
+    test = ratings[ratings.split == "test"]
+    out = []
+    for u in evaluation_users(ratings, users, cfg.seed).tolist():
+        recs = recommend(cfg, run.data, user_id=u, before_test=True)
+        out.append((u, recs.assign(test_rating=recs.movie_id.map(test[test.user_id == u].set_index("movie_id").rating))))
+    return out
+
+# %% ../nbs/13_report.ipynb #742f1213
+def recommendations_table(recs: pd.DataFrame) -> str:
+    "Recommendations as an HTML table: the movie, its reasons in `explain.format_reasons`'s words, the rating given later in the test split."
+    rows = []
+    for i in range(len(recs)):
+        head, *why = format_reasons(recs.iloc[[i]]).splitlines()
+        later = recs.test_rating.iloc[i] if "test_rating" in recs else None
+        rows.append(f"<tr><th>{i + 1}</th><td class=\"why\"><b>{html.escape(head.split('. ', 1)[1])}</b><br>"
+                    + "<br>".join(html.escape(w.strip()) for w in why)
+                    + f"</td><td>{'' if later is None or pd.isna(later) else f'{later:g}'}</td></tr>")
+    return ('<table><thead><tr><th>#</th><th class="why">movie, and why</th><th>rated later (test)</th></tr></thead><tbody>'
+            + "".join(rows) + "</tbody></table>")
+
+# %% ../nbs/13_report.ipynb #dcad2a51
+def _value(v) -> str:
+    "A knob's or a figure's value as text: floats to 6 significant digits, lists and nulls as JSON."
+    return v if isinstance(v, str) else f"{v:.6g}" if isinstance(v, float) else json.dumps(v)
+
+def _kv_table(d: dict, key: str) -> str:
+    return html_table(pd.DataFrame({"value": [_value(v) for v in d.values()]}, index=pd.Index(list(d), name=key)))
+
+def _stage_table(stages: dict) -> str:
+    rows = {s: {"status": "writing this report" if s == "05_report" else v.get("status"), "started": v.get("started"),
+                "seconds": v.get("seconds")} for s, v in stages.items()}
+    return html_table(pd.DataFrame.from_dict(rows, orient="index").rename_axis("stage"), digits=1)
+
+def _params_table(p: dict) -> str:
+    owners = knob_sections()
+    t = pd.DataFrame({"section": [", ".join(owners.get(k, [])) for k in p],
+                      "value": [_value(v) for v in p.values()]}, index=pd.Index(list(p), name="knob"))
+    return html_table(t)
+
+def write_report_html(run_dir: str | Path, examples: int = 3) -> Path:
+    "Write a run folder's `report.html`: metrics with intervals, ranking, `examples` users' recommendations, plots, training, deployment, stage times and knobs; plots embedded."
+    run = RunLayout(Path(run_dir))
+    if not run.metrics.exists():
+        raise MovierecError(f"{run.metrics} does not exist: report.html shows a run's evaluation. Run the evaluate stage first "
+                            f"(`movierec run --out {run.root} --resume`).")
+    env, stages, p, metrics = _read_json(run.environment), read_stages(run.root), _read_params(run), _read_json(run.metrics)
+    train, dep = _read_json(run.stage_done("02_train")), _read_json(run.stage_done("03_deploy"))
+    git, esc = env.get("git") or {}, lambda x: html.escape(str(x))
+    body = [f"<h1>movierec run <code>{esc(run.root.name)}</code></h1>",
+            f"<p>Dataset <b>{esc(p.get('dataset'))}</b>, base model <b>{esc(p.get('base_model') or 'SmolLM2-135M-Instruct (GGUF)')}</b>, "
+            f"device <b>{esc(env.get('device'))}</b>{esc(' (' + env['gpu'] + ')') if env.get('gpu') else ''}, "
+            f"commit <code>{esc(git.get('commit', '?')[:10])}</code>{' (uncommitted changes)' if git.get('dirty') else ''}; "
+            f"{esc(metrics.get('sample') or 'all')} test ratings (split <code>{esc(metrics.get('split', 'test'))}</code>) "
+            "scored by every model.</p>",
+            "<h2>Metrics</h2>", html_table(metrics_table(metrics))]
+    body += [f"<p>{_text(line)}</p>" for line in _bootstrap_lines(metrics) + _blend_lines(metrics) if line]
+    seg = segments_table(metrics, _language_models(metrics))
+    if len(seg):
+        body += ["<h3>Where the language models win, and where not</h3>", f"<p>{_text(_segments_line(metrics))}</p>", html_table(seg)]
+    if ranked := ranking_tables(metrics):
+        body.append("<h2>Ranking</h2>")
+        for title, protocol, t in ranked: body += [f"<h3>{esc(title)}</h3>", f"<p>Protocol: {esc(protocol)}.</p>", html_table(t, digits=3)]
+    body += ["<h2>Example recommendations</h2>"]
+    recs = example_recommendations(run.root, examples)
+    if recs:
+        body.append(f"<p>The first stage of <code>movierec recommend</code>: the <code>{esc(recs[0][1].retriever.iloc[0])}</code> "
+                    "retriever's top movies for the first users of the ranking evaluation, knowing only their ratings before "
+                    "their test period, with the reasons <code>movierec.explain</code> finds; the last column is the rating the "
+                    "user gave the movie later, in the test split, if they rated it. No language model re-ranked them here; "
+                    "<code>movierec recommend --run DIR --user ID</code> does.</p>")
+        for u, r in recs: body += [f"<h3>User {u}</h3>", recommendations_table(r)]
+    else:
+        body.append("<p>None: the run has no prepared data in <code>data/</code>, or no user with a test rating of 4 or more.</p>"
+                    if examples else "<p>None asked for.</p>")
+    if plots := plot_files(run):
+        body += ["<h2>Plots</h2>", *[_figure(png_data_uri(q), q.stem.replace("_", " ")) for q in plots]]
+    if train:
+        keep = {k: train[k] for k in ("device", "n_train", "steps", "train_loss", "val_loss", "tokens_per_s", "s_per_step",
+                                      "wall_s", "eval_s", "peak_rss_mb", "peak_cuda_mb") if train.get(k) is not None}
+        body += ["<h2>Training</h2>", _kv_table(keep, run.stage_done("02_train").relative_to(run.root).as_posix())]
+    if dep:
+        body += ["<h2>Deployment</h2>", f"<p>Ollama {esc(dep.get('ollama_version', ''))} model <code>{esc(dep.get('name'))}</code>; "
+                 "parity of its expected ratings with PyTorch's on the same test prompts:</p>"]
+        if dep.get("parity"): body.append(html_table(pd.DataFrame(dep["parity"]).T.astype({"n": int})))
+    body += ["<h2>Wall time per stage</h2>", _stage_table(stages), "<h2>Parameters</h2>",
+             f"<p>The knobs of <code>{run.params.name}</code> as the run used them.</p>", _params_table(p)]
+    return write_text(run.root / REPORT_HTML, _page(f"movierec run {run.root.name}", body))
+
+# %% ../nbs/13_report.ipynb #9fda8895
+def comparison_html(cmp: Comparison, path: str | Path) -> Path:
+    "Write the comparison of two runs as a self-contained page: differing knobs, metrics, segments and ranking with intervals and verdicts, the plot."
+    fig, png = plot_comparison(cmp), io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+    a, b = html.escape(cmp.a), html.escape(cmp.b)
+    body = [f"<h1><code>{b}</code> against <code>{a}</code></h1>",
+            f"<p>A = <code>{a}</code>, B = <code>{b}</code>: {cmp.n} test ratings predicted by both runs. Each difference B - A comes "
+            "with its paired bootstrap 95% interval and a verdict for B: better, worse, or no detectable difference (the interval "
+            "holds 0).</p>", "<h2>Parameters that differ</h2>",
+            html_table(cmp.params, index=False) if len(cmp.params) else "<p>None: both runs used the same knobs.</p>",
+            "<h2>Metrics</h2>", html_table(comparison_frame(cmp.metrics), index=False) if len(cmp.metrics) else "<p>No model in both runs.</p>"]
+    if len(cmp.segments): body += ["<h2>RMSE by segment</h2>", html_table(comparison_frame(cmp.segments), index=False)]
+    if cmp.ranking is not None and len(cmp.ranking):
+        body += ["<h2>Ranking (per-user means)</h2>", html_table(comparison_frame(cmp.ranking), index=False)]
+    body += ["<h2>Plot</h2>", _figure(png_data_uri(png.getvalue()), f"gain of {cmp.b} over {cmp.a}, with 95% intervals (right of 0: B is better)")]
+    return write_text(path, _page(f"{cmp.b} against {cmp.a}", body))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ from .model import model_input, rating_token_ids
 
 # %% auto #0
 __all__ = ['RATING_TOKENS', 'RATING_VALUES', 'rating_distribution', 'expected_rating', 'distribution_from_top_logprobs',
-           'score_prompts', 'score_candidates', 'LMPredictor']
+           'process_share', 'join_processes', 'score_prompts', 'score_candidates', 'LMPredictor']
 
 # %% ../nbs/05_score.ipynb #e0dac7de
 RATING_TOKENS = ("1", "2", "3", "4", "5")
@@ -95,22 +96,48 @@ def _progress(iterable, progress: bool, desc: str, total=None):
     return tqdm(iterable, desc=desc, total=total)
 
 # %% ../nbs/05_score.ipynb #d277b871
+def process_share() -> tuple[int, int]:
+    "`(rank, world_size)` of this process in torch.distributed's default group; `(0, 1)` when none is initialised."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def _gather_rows(scores: np.ndarray, mine: list, world: int) -> np.ndarray:
+    "`scores` with every process's rows: each process filled the rows of its batches `mine`."
+    import torch.distributed as dist
+    rows = np.concatenate(mine).astype(int) if mine else np.empty(0, dtype=int)
+    parts = [None] * world
+    dist.all_gather_object(parts, (rows, scores[rows]))
+    for idx, part in parts: scores[idx] = part
+    return scores
+
+# %% ../nbs/05_score.ipynb #6d32204e
+def join_processes(device: str = "cpu") -> tuple[int, int]:
+    "In a process torchrun started, join torch.distributed's group (NCCL on CUDA, else gloo) so the scorers split their work; `(rank, world_size)`."
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    return process_share()
+
+# %% ../nbs/05_score.ipynb #ed19ffa0
 def score_prompts(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progress: bool = True,
-                  autocast: bool | None = None) -> pd.DataFrame:
-    "Expected rating, argmax and p1..p5 for each prompt: one forward pass each, last position's logits only."
+                  autocast: bool | None = None, distributed: bool = True) -> pd.DataFrame:
+    "Expected rating, argmax and p1..p5 for each prompt: one forward pass each, last position's logits only (split over torch.distributed's processes)."
     import torch
     ids, enc = list(rating_token_ids(tokenizer)), _encode(tokenizer, prompts)
     scores = np.empty((len(enc), 5))
     order = np.argsort([len(e) for e in enc], kind="stable")
+    rank, world = process_share() if distributed else (0, 1)
+    mine = _batches(order, batch_size)[rank::world]
     dev = _device(model)
     with torch.inference_mode(), _autocast(model, autocast):
-        for batch in _progress(_batches(order, batch_size), progress, "scoring"):
+        for batch in _progress(mine, progress and rank == 0, "scoring"):
             input_ids, mask = _left_pad([enc[i] for i in batch], _pad_id(tokenizer))
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                         use_cache=False, logits_to_keep=1)
             scores[batch] = out.logits[:, -1, ids].float().cpu().numpy()
-    return _frame(scores)
+    return _frame(_gather_rows(scores, mine, world) if world > 1 else scores)
 
 # %% ../nbs/05_score.ipynb #1f96eb6e
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -124,19 +151,21 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 # %% ../nbs/05_score.ipynb #c2e61674
 def score_candidates(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progress: bool = False,
-                     autocast: bool | None = None) -> pd.DataFrame:
+                     autocast: bool | None = None, distributed: bool = True) -> pd.DataFrame:
     "Like `score_prompts` for prompts sharing a prefix (one user's candidates): the prefix's KV cache is computed once."
     import torch
     ids, enc = list(rating_token_ids(tokenizer)), _encode(tokenizer, prompts)
     n = _common_prefix(enc) if len(enc) > 1 else 0
-    if n == 0: return score_prompts(model, tokenizer, prompts, batch_size, progress, autocast)
+    if n == 0: return score_prompts(model, tokenizer, prompts, batch_size, progress, autocast, distributed)
     dev = _device(model)
     scores = np.empty((len(enc), 5))
     order = np.argsort([len(e) for e in enc], kind="stable")
+    rank, world = process_share() if distributed else (0, 1)
+    mine = _batches(order, batch_size)[rank::world]
     with torch.inference_mode(), _autocast(model, autocast):
         prefix = torch.tensor([enc[0][:n]], device=dev)
         cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
-        for batch in _progress(_batches(order, batch_size), progress, "candidates"):
+        for batch in _progress(mine, progress and rank == 0, "candidates"):
             tail, tail_mask = _left_pad([enc[i][n:] for i in batch], _pad_id(tokenizer))
             mask = torch.cat([torch.ones((len(batch), n), dtype=torch.long), tail_mask], 1)
             pos = n + (tail_mask.cumsum(-1) - 1).clamp(min=0)
@@ -145,7 +174,7 @@ def score_candidates(model, tokenizer, prompts: Sequence[str], batch_size: int =
             out = model(input_ids=tail.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                         cache=past, use_cache=True, logits_to_keep=1)
             scores[batch] = out.logits[:, -1, ids].float().cpu().numpy()
-    return _frame(scores)
+    return _frame(_gather_rows(scores, mine, world) if world > 1 else scores)
 
 # %% ../nbs/05_score.ipynb #4d87e353
 class LMPredictor:

@@ -103,26 +103,33 @@ def deploy_stage(p: Params, adapter_dir: str | Path, gguf_dir: str | Path, data_
 
 # %% ../nbs/10_stages.ipynb #1bdce186
 def _ollama_predictor(p: Params, gguf: Path, adapter_dir: Path, client):
-    "The run's deployed model as a predictor, created from its GGUF export when there is one."
+    "The run's deployed model as a predictor, created from its GGUF export (as deploy served it: adapter, merged or quantized)."
+    from movierec.deploy import serve_deployed
     from movierec.model import load_tokenizer, read_adapter_meta
-    from movierec.serve import OllamaPredictor, create_model
+    from movierec.serve import OllamaPredictor
     name = p.deploy.model_name
-    if (gguf / "deploy.json").exists():
-        create_model(client, name, gguf / GGUF_FILES["base"], gguf / GGUF_FILES["adapter"], overwrite=True)
+    if (gguf / "deploy.json").exists(): name = serve_deployed(client, gguf)
     elif not any(m.model.split(":")[0] == name for m in client.list().models):
         raise MovierecError(f"Ollama has no model {name!r} and {gguf} holds no export; run the deploy stage first.")
     return OllamaPredictor(client, name, load_tokenizer(read_adapter_meta(adapter_dir)["base_model"]))
 
+def _classic_models(p: Params, data_dir: Path) -> dict:
+    "The classic models prepare fitted on the training ratings (data/classic.pkl), or fitted here for data prepared without them."
+    from movierec.classic import CLASSIC_FILE, CLASSIC_NAMES, fit_classic, load_classic
+    if (data_dir / CLASSIC_FILE).is_file():
+        models = load_classic(data_dir / CLASSIC_FILE)
+        if set(CLASSIC_NAMES) <= set(models): return {n: models[n] for n in CLASSIC_NAMES}
+    return fit_classic(read_examples(data_dir, "ratings", columns=["user_id", "movie_id", "rating", "split"]), seed=p.evaluate.seed)
+
 def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter_dir: str | Path | None = None) -> Evaluated:
     "Score the same test ratings with every model, rank for sampled users, and write metrics.json to `out_dir`."
-    from movierec.classic import fit_classic
     from movierec.model import load_adapter, load_base
     from movierec.recommend import ranking_metrics
     from movierec.score import LMPredictor
     from movierec.serve import ollama_client
     use_device(p.evaluate.device)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    classic = fit_classic(read_examples(data_dir, "ratings", columns=["user_id", "movie_id", "rating", "split"]), seed=p.evaluate.seed)
+    classic = _classic_models(p, data_dir)
     predictors, ranking = list(classic.values()), None
     if adapter_dir is not None:
         model, tokenizer = load_adapter(adapter_dir)

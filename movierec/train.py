@@ -5,11 +5,19 @@
 # %% ../nbs/04_train.ipynb #592da01a
 from __future__ import annotations
 
+import codecs
+import collections
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
+import math
 import os
+import re
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,26 +26,29 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import yaml
 from pydantic import PositiveInt
 
 from .core import (MOVIEREC_JSON, Knobs, MovierecError, atomic_path, data_dir as default_data_dir, device_knob, get_logger,
                            knob, pick_device, seed_everything, seed_knob, use_bf16, write_json)
-from .model import TINY, load_base, model_input, rating_token_ids
+from .model import TINY, load_base, model_input, rank_device, rating_token_ids
 from .prompts import RATING_PREFIX, read_examples
 
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'OBJECTIVES', 'SCHEDULERS', 'CPU_TRAIN_EXAMPLES', 'TRAIN_COLUMNS', 'RESUME_KEYS', 'TrainConfig',
-           'load_examples', 'tokenize_examples', 'examples_key', 'tokenize_cached', 'tokenize_splits', 'Collator',
-           'answer_loss', 'build_model', 'longest_example', 'wrap_lora', 'run_fingerprint', 'training_arguments',
-           'make_trainer', 'peak_rss_mb', 'fit', 'find_checkpoint', 'write_loss_log', 'save_outputs', 'check_out_dir',
-           'train']
+__all__ = ['log', 'OBJECTIVES', 'SCHEDULERS', 'CPU_TRAIN_EXAMPLES', 'TRAIN_COLUMNS', 'RESUME_KEYS', 'TRACKERS', 'FINAL_FIGURES',
+           'TrainConfig', 'load_examples', 'tokenize_examples', 'examples_key', 'tokenize_cached', 'tokenize_splits',
+           'Collator', 'answer_loss', 'build_model', 'longest_example', 'wrap_lora', 'run_fingerprint',
+           'training_arguments', 'check_tracker', 'tracking_run', 'log_metrics_to_tracker', 'make_trainer',
+           'peak_rss_mb', 'fit', 'find_checkpoint', 'write_loss_log', 'save_outputs', 'check_out_dir', 'torchrun',
+           'launch', 'train']
 
 # %% ../nbs/04_train.ipynb #7d155608
 OBJECTIVES = ("rating", "response", "expected_mse")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
-CPU_TRAIN_EXAMPLES = 1200  # what train_examples="auto" means off CUDA
+CPU_TRAIN_EXAMPLES = 2000  # what train_examples="auto" means off CUDA: bench/ablations.py found 2,000 hybrid_short
+# examples (about 18 min here) beat 1,200 of the longer hybrid prompt, and the loss still falling at the end
 
 class TrainConfig(Knobs):
     "The train stage's knobs: the base model, LoRA, the loss, optimisation, data sizes, checkpoints, runtime."
@@ -60,7 +71,7 @@ class TrainConfig(Knobs):
     lr_scheduler: Literal[SCHEDULERS] = knob("linear", "learning-rate schedule after warmup")
     max_grad_norm: float = knob(1.0, "gradient clipping norm", gt=0)
     # data
-    train_examples: Literal["auto"] | PositiveInt | None = knob("auto", "training examples sampled; auto: 1200 on a CPU, all on a GPU; null: all")
+    train_examples: Literal["auto"] | PositiveInt | None = knob("auto", "training examples sampled; auto: 2000 on a CPU, all on a GPU; null: all")
     val_examples: int = knob(200, "validation examples for eval loss during training; 0: no validation", ge=0)
     group_by_length: bool = knob(True, "batches of similar length (less padding)")
     # evaluation and checkpoints
@@ -73,11 +84,13 @@ class TrainConfig(Knobs):
     bf16: Literal["auto"] | bool = knob("auto", "auto: on CUDA GPUs with bf16 and CPUs with bf16 kernels (core.use_bf16)")
     load_in_4bit: bool = knob(False, "QLoRA: the base in 4 bits through bitsandbytes (CUDA only)")
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass (less memory, slower)")
-    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = knob("none", "where the Trainer also logs: none, tensorboard, mlflow or wandb (offline)")
+    report_to: Literal["none", "tensorboard", "mlflow", "wandb"] = knob(
+        "none", "where the Trainer also logs: none, tensorboard or mlflow (movierec's `tracking` extra), wandb (offline)")
+    nproc: int = knob(1, "processes to train in: 1 here; N > 1 launches N under torchrun (DDP, one per GPU or gloo on a CPU)", ge=1)
     seed: int = seed_knob()
 
     def resolved(self, device: str) -> TrainConfig:
-        "A copy with the sizes `device` decides made concrete: `train_examples='auto'` is 1200 on a CPU (anything but CUDA), all on CUDA."
+        "A copy with the sizes `device` decides made concrete: `train_examples='auto'` is 2000 on a CPU (anything but CUDA), all on CUDA."
         if self.train_examples != "auto": return self.model_copy()
         return self.replace(train_examples=None if str(device).startswith("cuda") else CPU_TRAIN_EXAMPLES)
 
@@ -261,6 +274,73 @@ def training_arguments(cfg: TrainConfig, out_dir, device: str, has_val: bool, wo
         disable_tqdm=not progress, dataloader_num_workers=0)
 
 # %% ../nbs/04_train.ipynb #29f96de3
+TRACKERS = {"mlflow": ("mlflow", "pip install -e '.[tracking]' (movierec's tracking extra: mlflow-skinny and tensorboard)"),
+            "tensorboard": ("tensorboard", "pip install -e '.[tracking]' (movierec's tracking extra: mlflow-skinny and tensorboard)"),
+            "wandb": ("wandb", "pip install wandb")}  # report_to -> (the module it needs, how to install it)
+
+def check_tracker(report_to: str) -> None:
+    "Raise a MovierecError saying what to install when the package `report_to` logs through is missing."
+    if report_to == "none": return
+    module, how = TRACKERS[report_to]
+    if importlib.util.find_spec(module) is None:
+        raise MovierecError(f"report_to={report_to!r} (--report-to {report_to}) needs the {module} package, which is not installed here: "
+                            f"{how}; or train with report_to: none.")
+
+# %% ../nbs/04_train.ipynb #b1543cc9
+@contextlib.contextmanager
+def tracking_run(cfg: TrainConfig, out_dir):
+    "Where the Trainer's logs go (first process only), for `train.json`: MLflow's run, started here, or TensorBoard's folder; else None."
+    out_dir = Path(out_dir).resolve()
+    if cfg.report_to not in ("mlflow", "tensorboard") or int(os.environ.get("RANK", 0)) != 0:
+        yield None
+        return
+    if cfg.report_to == "tensorboard":
+        yield {"tracker": "tensorboard", "log_dir": os.environ.get("TENSORBOARD_LOGGING_DIR") or str(out_dir / "tensorboard")}
+        return
+    import mlflow
+    try: run = mlflow.start_run(run_name=f"{out_dir.parent.name}/{out_dir.name}")
+    except Exception as e:
+        raise MovierecError(f"MLflow could not start a run at {mlflow.get_tracking_uri()} ({type(e).__name__}: {e}); "
+                            "set MLFLOW_TRACKING_URI to a store you can write, or train with report_to: none.") from e
+    try:
+        mlflow.log_params({f"movierec.{k}": v for k, v in cfg.model_dump(mode="json").items()})
+        yield {"tracker": "mlflow", "tracking_uri": mlflow.get_tracking_uri(), "experiment_id": run.info.experiment_id,
+               "run_id": run.info.run_id}
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+
+# %% ../nbs/04_train.ipynb #8e74f60d
+def _numbers(d: dict, prefix: str = "") -> dict:
+    "The finite numbers in a nested dict, by `prefix` + their path joined with '/'."
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v): out[f"{prefix}{k}"] = float(v)
+    return out
+
+FINAL_FIGURES = ("train_loss", "val_loss", "steps", "epochs", "tokens_per_s", "wall_s", "peak_rss_mb", "peak_cuda_mb")  # train's, as final/*
+
+def log_metrics_to_tracker(adapter_dir, metrics: dict, prefix: str = "", step: int = 0) -> int:
+    "Add the numbers in `metrics` (nested dicts become `a/b`) to the MLflow run or TensorBoard log that trained `adapter_dir`; how many (0: none)."
+    summary = Path(adapter_dir) / "train.json"
+    where = json.loads(summary.read_text()).get("tracking") if summary.exists() else None
+    values = _numbers(metrics, prefix)
+    if not where or not values: return 0
+    if where["tracker"] == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(where["log_dir"]) as w:
+            for k, v in values.items(): w.add_scalar(k, v, step)
+        return len(values)
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri=where["tracking_uri"]).log_batch(
+        where["run_id"], metrics=[Metric(k, v, now, step) for k, v in values.items()])
+    return len(values)
+
+# %% ../nbs/04_train.ipynb #6c1e3980
 @functools.cache
 def _trainer_classes():
     "`(MovierecTrainer, CheckpointMeta)`: the Trainer subclass and the checkpoint callback, built once, lazily."
@@ -270,9 +350,29 @@ def _trainer_classes():
         def __init__(self, *a, objective="rating", rating_ids=None, **kw):
             super().__init__(*a, **kw)
             self.objective, self.rating_ids = objective, rating_ids
-            self.counters = {"tokens_seen": 0, "loss_tokens": 0, "examples_seen": 0}
+            self.counters = {"tokens_seen": 0, "loss_tokens": 0, "examples_seen": 0}  # this process's, since it started
+            self.counted_before = dict.fromkeys(self.counters, 0)                     # the whole run's, up to the resumed checkpoint
             self.eval_seconds = 0.0             # time spent evaluating, left out of the training speed
             self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by grad_accum
+
+        def counted_here(self) -> dict:
+            "This run's counters since it started, summed over the processes (every process must call it)."
+            if self.args.world_size <= 1: return dict(self.counters)
+            import torch
+            t = self.accelerator.reduce(torch.tensor(list(self.counters.values()), device=self.args.device), reduction="sum")
+            return dict(zip(self.counters, map(int, t.tolist())))
+
+        def total_counters(self) -> dict:
+            "The run's counters: what the resumed checkpoint had counted plus what every process counted since."
+            return {k: self.counted_before[k] + v for k, v in self.counted_here().items()}
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy != "group_by_length" or self.args.world_size <= 1:
+                return super()._get_train_sampler(train_dataset)
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return LengthGroupedSampler(global_batch, dataset=train_dataset if train_dataset is not None else self.train_dataset,
+                                        model_input_name="input_ids")
 
         def evaluate(self, *a, **kw):
             t0 = time.perf_counter()
@@ -291,15 +391,17 @@ def _trainer_classes():
         "Write movierec.json (run fingerprint + counters) into each checkpoint, last."
         def __init__(self, trainer, meta): self.trainer, self.meta = trainer, meta
         def on_save(self, args, state, control, **kw):
+            counters = self.trainer.total_counters()  # on every process: a sum over them
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir(): write_json(ckpt / MOVIEREC_JSON, {**self.meta, "counters": self.trainer.counters})
+                if ckpt.is_dir(): write_json(ckpt / MOVIEREC_JSON, {**self.meta, "counters": counters})
 
     return MovierecTrainer, CheckpointMeta
 
 # %% ../nbs/04_train.ipynb #0f577bb0
-def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame | None, meta: dict, callbacks=()):
-    "The `Trainer` of a run, with the checkpoint-fingerprint callback, early stopping (if asked for) and `callbacks`."
+def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame | None, meta: dict, callbacks=(),
+                 tracking: dict | None = None):
+    "The `Trainer` of a run, with the checkpoint-fingerprint callback, early stopping (if asked for), `callbacks`, TensorBoard's folder."
     from transformers import EarlyStoppingCallback
     MovierecTrainer, CheckpointMeta = _trainer_classes()
     cols = ["input_ids", "n_input", "rating"]
@@ -312,6 +414,8 @@ def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFram
     if cfg.early_stopping_patience and val_df is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     for cb in callbacks: trainer.add_callback(cb)
+    for cb in trainer.callback_handler.callbacks:
+        if tracking and tracking["tracker"] == "tensorboard" and type(cb).__name__ == "TensorBoardCallback": cb.logging_dir = tracking["log_dir"]
     return trainer
 
 # %% ../nbs/04_train.ipynb #b95392d0
@@ -325,9 +429,8 @@ def fit(trainer, ckpt: Path | None = None) -> dict:
     "Train (resuming from checkpoint `ckpt` if given); return the run's steps, counters, times, speeds, memory and losses."
     import torch
     if ckpt is not None:
-        trainer.counters.update(json.loads((ckpt / MOVIEREC_JSON).read_text()).get("counters", {}))
+        trainer.counted_before.update(json.loads((ckpt / MOVIEREC_JSON).read_text()).get("counters", {}))
         log.info("resuming from %s", ckpt)
-    before = dict(trainer.counters)
     if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
@@ -337,10 +440,11 @@ def fit(trainer, ckpt: Path | None = None) -> dict:
     has_val = trainer.eval_dataset is not None
     val_loss = trainer.state.best_metric if has_val else None
     if has_val and val_loss is None: val_loss = trainer.evaluate()["eval_loss"]
-    done = {k: trainer.counters[k] - before[k] for k in trainer.counters}
+    done = trainer.counted_here()  # every process's work: speeds are the whole run's
     first_step = int(ckpt.name.split("-")[-1]) if ckpt else 0
     return {"steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 4),
-            "resumed_from": ckpt.name if ckpt else None, **trainer.counters, "wall_s": round(wall, 2),
+            "resumed_from": ckpt.name if ckpt else None, **{k: trainer.counted_before[k] + v for k, v in done.items()},
+            "wall_s": round(wall, 2),
             "eval_s": round(trainer.eval_seconds, 2),
             "tokens_per_s": round(done["tokens_seen"] / train_s, 1), "loss_tokens_per_s": round(done["loss_tokens"] / train_s, 2),
             "examples_per_s": round(done["examples_seen"] / train_s, 3),
@@ -426,11 +530,54 @@ def check_out_dir(out_dir, resume: bool) -> Path:
     return out_dir
 
 # %% ../nbs/04_train.ipynb #9db17fa4
+def torchrun(cli_args: list[str], nproc: int, progress: bool = True) -> None:
+    "Run `movierec <cli_args>` in `nproc` processes under torch's launcher, relaying their output; MovierecError when one fails."
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "movierec.cli", *cli_args]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the cores shared out, not oversubscribed
+    if not progress: env["TQDM_DISABLE"] = "1"
+    log.info("launching %d processes: %s", nproc, " ".join(cmd[1:]))
+    tail, decode = collections.deque(maxlen=200), codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+        while chunk := proc.stdout.read1(65536):  # relayed as it comes, progress bars' carriage returns included
+            text = decode.decode(chunk)
+            sys.stdout.write(text); sys.stdout.flush()
+            tail.extend(text.splitlines())
+    if proc.returncode:
+        said = [m.group(1) for line in tail if (m := re.search(rf"movierec {re.escape(cli_args[0])}: (.+)", line))]
+        why = said[0] if said else "see the output above"
+        raise MovierecError(f"`movierec {cli_args[0]}` in {nproc} processes failed (exit code {proc.returncode}): {why}")
+
+# %% ../nbs/04_train.ipynb #45be5d1c
+def launch(data_dir, out_dir, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    "Train in `cfg.nproc` processes under torchrun (`movierec train` with `cfg` in a temporary params file); the run's `train.json`."
+    import torch
+    if re.fullmatch(r"cuda:\d+", cfg.device):
+        raise MovierecError(f"device={cfg.device!r} names one GPU, but nproc={cfg.nproc} runs one process per GPU; use device cuda (or auto).")
+    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
+    if cfg.device == "cuda" and gpus < cfg.nproc:
+        raise MovierecError(f"nproc={cfg.nproc} needs {cfg.nproc} GPUs (one per process) and this machine has {gpus}; lower nproc.")
+    if cfg.device == "auto" and 0 < gpus < cfg.nproc:
+        raise MovierecError(f"nproc={cfg.nproc} runs one process per GPU and this machine has {gpus}; lower nproc, or set device: cpu.")
+    out_dir = check_out_dir(out_dir, resume)
+    with tempfile.TemporaryDirectory(prefix="movierec-launch.") as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        torchrun(["train", "--data", str(Path(data_dir).resolve()), "--out", str(out_dir.resolve()), "--params", str(params),
+                  *(["--resume"] if resume else [])], cfg.nproc, progress)
+    return json.loads((out_dir / "train.json").read_text())
+
+# %% ../nbs/04_train.ipynb #8ddc2bd5
 def train(data_dir, out_dir, cfg: TrainConfig | None = None, resume: bool = False, model=None, tokenizer=None,
           callbacks=(), progress: bool = True) -> dict:
     "Fine-tune a LoRA adapter of `cfg.base_model` on the examples in `data_dir` into the folder `out_dir`; return `train.json`."
     cfg = cfg or TrainConfig()
-    device, world_size = pick_device(cfg.device), int(os.environ.get("WORLD_SIZE", 1))
+    check_tracker(cfg.report_to)
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under a launcher: start the processes
+        if model is not None or callbacks:
+            raise MovierecError(f"nproc={cfg.nproc} trains in new processes, which cannot be handed a model or callbacks; pass nproc=1.")
+        return launch(data_dir, out_dir, cfg, resume, progress)
+    device, world_size = rank_device(pick_device(cfg.device)), int(os.environ.get("WORLD_SIZE", 1))
     cfg = cfg.resolved(device)
     out_dir = check_out_dir(out_dir, resume)
     # 1. examples
@@ -442,16 +589,20 @@ def train(data_dir, out_dir, cfg: TrainConfig | None = None, resume: bool = Fals
     # 3. LoRA
     model = wrap_lora(model, cfg)
     meta = run_fingerprint(cfg, tokenizer, train_df, world_size)
-    # 4. training arguments and the trainer
+    # 4. training arguments, the checkpoint to resume from (checked), the trainer (logging to the tracker's run)
     args = training_arguments(cfg, out_dir, device, val_df is not None, world_size, progress)
-    trainer = make_trainer(model, tokenizer, args, cfg, train_df, val_df, meta, callbacks)
-    # 5. train, or resume from a checked checkpoint
-    stats = fit(trainer, find_checkpoint(out_dir / "checkpoints", meta, model) if resume else None)
+    ckpt = find_checkpoint(out_dir / "checkpoints", meta, model) if resume else None
+    with tracking_run(cfg, out_dir) as tracking:
+        trainer = make_trainer(model, tokenizer, args, cfg, train_df, val_df, meta, callbacks, tracking)
+        # 5. train, or resume
+        stats = fit(trainer, ckpt)
     # 6. save
     summary = {"base_model": meta["base_model"], "device": device, "world_size": world_size, "bf16": args.bf16,
                "objective": cfg.objective, "n_train": len(train_df), "n_val": 0 if val_df is None else len(val_df),
                "max_length": max_length, **stats,
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "lora": {k: meta[k] for k in ("lora_rank", "lora_alpha", "lora_targets")}, "config": cfg.model_dump(mode="json")}
+               "lora": {k: meta[k] for k in ("lora_rank", "lora_alpha", "lora_targets")}, "config": cfg.model_dump(mode="json"),
+               **({"tracking": tracking} if tracking else {})}
     save_outputs(trainer, tokenizer, out_dir, cfg, summary, data_dir)
+    if tracking: log_metrics_to_tracker(out_dir, {k: stats[k] for k in FINAL_FIGURES}, prefix="final/", step=stats["steps"])
     return summary

@@ -56,11 +56,11 @@ def test_evaluate_prints_the_table(work):
 
 def test_recommend_prints_top_k_as_table_and_json(work):
     d, _, _ = work
-    r = cli("recommend", "--data", d / "data", "--adapter", d / "adapter", "--user", 1, "--top-k", 3, "--pool", 20)
+    r = cli("recommend", "--data", d / "data", "--adapter", d / "adapter", "--user", 1, "--top-k", 3, "--rerank-n", 20)
     lines = [l for l in r.stdout.splitlines() if l.strip()]
     assert lines[0].split()[:2] == ["movie_id", "title"] and len(lines) == 4, r.stdout
     j = cli("recommend", "--data", d / "data", "--adapter", d / "adapter", "--likes", "Star Wars (1977); Fargo",
-            "--top-k", 3, "--pool", 20, "--json")
+            "--top-k", 3, "--rerank-n", 20, "--json")
     recs = json.loads(j.stdout)
     assert len(recs) == 3 and {"movie_id", "title", "pred"} <= set(recs[0]) and all(1 <= x["pred"] <= 5 for x in recs)
     bad = cli("recommend", "--data", d / "data", "--adapter", d / "adapter", "--likes", "No Such Movie At All", check=False)

@@ -16,6 +16,10 @@ from movierec.prompts import (RATING_PREFIX, PrepareConfig, build_examples, load
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from dataprep import examples_seed_way  # the seed's way: one filter and one merge per example, the slow reference
 
+# the profile semantics these tests pin: the compact template, training targets spread over each history, profiles of
+# every earlier rating (the hybrid templates, recent targets and training-only profiles: tests/test_hybrid.py)
+COMPACT = PrepareConfig(template="compact", train_targets="spread", history="before")
+
 
 @pytest.fixture(scope="module")
 def ml(ml100k_dir):
@@ -29,7 +33,7 @@ def sr(ml):
 
 @pytest.fixture(scope="module")
 def ex(ml, sr):
-    return build_examples(ml, sr)
+    return build_examples(ml, sr, COMPACT)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,7 @@ def test_csv_layout_half_stars(ml, tmp_path):
     assert detect_format(d) == "csv" and got.scale == (0.5, 5) and (got.ratings.rating % 1 == 0.5).any()
     assert got.movies.set_index("movie_id").loc[1, "year"] == 1995
     # half stars round half up to a whole star in the response; the rating column keeps the true value
-    ex = build_examples(got, split_by_time(got.ratings), splits=("test",))["test"]
+    ex = build_examples(got, split_by_time(got.ratings), COMPACT, splits=("test",))["test"]
     st = ex.response.str.extract(r"Rating Prediction: (\d)/5")[0].astype(int)
     assert (st == np.clip(np.floor(ex.rating + 0.5), 1, 5)).all() and (ex.rating % 1 == 0.5).any()
 
@@ -216,6 +220,17 @@ def test_split_by_time(sr):
     with pytest.raises(MovierecError): split_by_time(sr, val_frac=0.5, test_frac=0.6)
 
 
+def test_split_global(ml):
+    "One pair of cut-off times for everybody: no training rating after any val/test rating, of anybody."
+    g = split_by_time(ml.ratings, split="global")
+    t = g.groupby("split", observed=True).timestamp.agg(["min", "max"])
+    assert t.loc["train", "max"] < t.loc["val", "min"] and t.loc["val", "max"] < t.loc["test", "min"]
+    assert (g.split == "train").sum() == (ml.ratings.timestamp < t.loc["val", "min"]).sum()  # every earlier rating trains
+    n_train = g[g.split == "train"].groupby("user_id").size()
+    assert g[g.split != "train"].user_id.map(n_train).ge(5).all() and (g.split == "test").sum() >= 1000
+    with pytest.raises(MovierecError, match="choose one of user, global"): split_by_time(ml.ratings, split="random")
+
+
 def test_no_leakage_on_ml100k(ml, sr, ex):
     "Every example's history is the user's ratings strictly before the target; movie stats only earlier training ratings."
     allx = pd.concat([ex[k].assign(split=k) for k in ("train", "val", "test")], ignore_index=True)
@@ -232,18 +247,18 @@ def test_no_leakage_on_ml100k(ml, sr, ex):
     # the future cannot change a prompt: rewrite every val/test rating, then every user's last test ratings
     fut = sr.copy()
     fut.loc[fut.split != "train", "rating"] = 6 - fut.loc[fut.split != "train", "rating"]
-    ex2 = build_examples(ml, fut, splits=("train",))
+    ex2 = build_examples(ml, fut, COMPACT, splits=("train",))
     assert (ex2["train"].prompt.values == ex["train"].prompt.values).all()
     # each user's test ratings at their last timestamp: in no history (strictly before) and in no movie statistics
     last = (sr.groupby("user_id").timestamp.transform("max") == sr.timestamp) & (sr.split == "test")
     fut = sr.copy(); fut.loc[last, "rating"] = 6 - fut.loc[last, "rating"]
-    ex3 = build_examples(ml, fut, splits=("test",))
+    ex3 = build_examples(ml, fut, COMPACT, splits=("test",))
     assert (ex3["test"].prompt.values == ex["test"].prompt.values).all()
 
 
 def test_vectorized_matches_seed_way(ml, sr, ex):
     "The vectorized builder and the one-filter-per-example reference give the same prompts, train included."
-    ref = examples_seed_way(ml, sr, [1, 2, 7, 13, 500], PrepareConfig(min_history=10), splits=("train", "val", "test"))
+    ref = examples_seed_way(ml, sr, [1, 2, 7, 13, 500], COMPACT.replace(min_history=10), splits=("train", "val", "test"))
     allx = pd.concat([ex[k] for k in ("train", "val", "test")])
     got = allx.merge(ref, on=["user_id", "movie_id", "timestamp"], suffixes=("", "_ref"))
     assert len(got) >= 250 and (got.prompt == got.prompt_ref).all()
@@ -252,7 +267,7 @@ def test_vectorized_matches_seed_way(ml, sr, ex):
     n_train = ex["train"][ex["train"].user_id.isin(n_train_ref.index)].groupby("user_id").size()
     assert (n_train == np.minimum(n_train_ref, 50)).all()
     # the first 20 users' validation and test targets, every one of them (moved from the prompts notebook)
-    ref = examples_seed_way(ml, sr, range(1, 21))
+    ref = examples_seed_way(ml, sr, range(1, 21), COMPACT)
     got = pd.concat([ex["val"], ex["test"]]).merge(ref, on=["user_id", "movie_id", "timestamp"], suffixes=("", "_ref"))
     assert len(got) == len(ref) > 50 and (got.prompt == got.prompt_ref).all()
 
@@ -265,13 +280,13 @@ def test_examples_shape(ml, sr, ex):
         assert not df.prompt.str.contains(RATING_PREFIX).any() and not df.prompt.str.contains("<|im_start|>", regex=False).any()
         assert (df.prompt.str.rfind("Movie: ") > df.prompt.str.rfind("Genres liked")).all()  # the movie comes last
     # smaller chunks of users give the same examples
-    small = build_examples(ml, sr, rows_per_chunk=7_000)
+    small = build_examples(ml, sr, COMPACT, rows_per_chunk=7_000)
     for k in ex: assert (small[k].prompt.values == ex[k].prompt.values).all()
     # millisecond timestamps (beyond 32 bits) give the same examples
-    ms = build_examples(ml, sr.assign(timestamp=sr.timestamp * 1000), splits=("test",))
+    ms = build_examples(ml, sr.assign(timestamp=sr.timestamp * 1000), COMPACT, splits=("test",))
     assert (ms["test"].prompt.values == ex["test"].prompt.values).all()
     # the seed picks which training windows are kept; it changes nothing else
-    other = build_examples(ml, sr, PrepareConfig(seed=1), splits=("train", "test"))
+    other = build_examples(ml, sr, COMPACT.replace(seed=1), splits=("train", "test"))
     pairs = lambda df: set(zip(df.user_id, df.movie_id))
     assert len(other["train"]) == len(ex["train"]) and pairs(other["train"]) != pairs(ex["train"])
     assert (other["test"].prompt.values == ex["test"].prompt.values).all()
@@ -290,8 +305,8 @@ def test_seed_template_and_reasoning(ml, sr):
 
 def test_prompts_for_user(ml, sr, ex):
     row = ex["test"].iloc[17]
-    assert prompts_for_user(ml, sr, row.user_id, [row.movie_id], at_time=row.timestamp) == [row.prompt]
-    ps = prompts_for_user(ml, sr, 1, [1, 50, 181])
+    assert prompts_for_user(ml, sr, row.user_id, [row.movie_id], "compact", at_time=row.timestamp, history="before") == [row.prompt]
+    ps = prompts_for_user(ml, sr, 1, [1, 50, 181], "compact")
     assert len({p[:p.rindex("Movie: ")] for p in ps}) == 1 and "Star Wars" in ps[1]
     with pytest.raises(MovierecError, match="User 99999"): prompts_for_user(ml, sr, 99999, [1])
     with pytest.raises(MovierecError, match="movie 99999"): prompts_for_user(ml, sr, 1, [99999])
@@ -299,7 +314,7 @@ def test_prompts_for_user(ml, sr, ex):
 
 def test_prepare_and_load_prepared(ml, ex, tmp_path):
     out = tmp_path / "data"
-    meta = prepare(PrepareConfig(dataset="ml-100k"), out)
+    meta = prepare(COMPACT.replace(dataset="ml-100k"), out)
     assert sorted(p.name for p in out.iterdir()) == ["data.json", "movies.parquet", "ratings.parquet",
                                                       "test.parquet", "train.parquet", "val.parquet"]
     d = load_prepared(out)

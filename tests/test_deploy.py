@@ -1,8 +1,11 @@
 """Deploy to a real Ollama: GGUF export, creation, parity with PyTorch on ML-100K prompts, errors, shell safety."""
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from movierec.core import MovierecError
@@ -30,14 +33,25 @@ def ml_prompts(ml100k_dir):
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory, base_gguf, ml_prompts, ollama_server):
-    "`deploy` into the session's Ollama, with the parity check on the ML-100K prompts."
+def ml_targets(ml100k_dir, ml_prompts):
+    "The same prompts with user 1's true ratings of their movies."
+    from movierec.data import load_movielens, split_by_time
+    ml = load_movielens(ml100k_dir)
+    ratings = split_by_time(ml.ratings)
+    movies = [50] + ratings[(ratings.user_id == 1) & (ratings.split == "test")].movie_id.head(7).tolist()
+    mine = ratings[ratings.user_id == 1].set_index("movie_id").rating
+    return pd.DataFrame({"prompt": ml_prompts, "rating": mine.loc[movies].to_numpy()})
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, base_gguf, ml_targets, ollama_server):
+    "`deploy` into the session's Ollama, two quantized copies, the parity check on the ML-100K prompts and their ratings."
     from movierec.deploy import DeployConfig, deploy
     tmp = tmp_path_factory.mktemp("deploy")
     adapter = random_adapter(tmp / "adapter", base_gguf)
     CANARY.unlink(missing_ok=True)
-    res = deploy(adapter, tmp / "gguf", DeployConfig(model_name="movierec-test", ollama_host=ollama_server.host),
-                 parity_prompts=ml_prompts, concurrency=2)
+    cfg = DeployConfig(model_name="movierec-test", ollama_host=ollama_server.host, quantize=["q8_0", "q4_K_M"], serve_variant="q4_K_M")
+    res = deploy(adapter, tmp / "gguf", cfg, parity_prompts=ml_targets, concurrency=2)
     yield res, adapter, tmp / "gguf"
     client = ollama_server.client()
     for m in res["models"].values():
@@ -64,6 +78,99 @@ def test_deploy_exports_creates_and_matches_pytorch(deployed, ollama_server):
     for kind in ("adapter", "merged"):     # the issue's goals, on the F16 base
         p = res["parity"][kind]
         assert p["n"] == 8 and p["mean_abs_diff"] <= 0.05 and p["argmax_agreement"] >= 0.98, (kind, p)
+
+
+@pytest.mark.slow
+def test_quantized_copies_are_created_measured_and_one_is_served(deployed, ollama_server):
+    "quantize: NAME-q8_0 and NAME-q4_k_m from the merged F16 GGUF, each with its size, speed and accuracy next to PyTorch's."
+    res, adapter, out = deployed
+    assert res["models"] == {"adapter": "movierec-test", "merged": "movierec-test-merged", "q8_0": "movierec-test-q8_0",
+                             "q4_K_M": "movierec-test-q4_k_m"}
+    v = res["variants"]
+    assert [v[k]["quantization"] for k in ("adapter", "merged", "q8_0", "q4_K_M")] == ["F16", "F16", "Q8_0", "Q4_K_M"]
+    assert v["merged"]["bytes"] > 1.8 * v["q8_0"]["bytes"] and v["q8_0"]["bytes"] > 1.2 * v["q4_K_M"]["bytes"]
+    assert (res["serve_variant"], res["served_model"]) == ("q4_K_M", "movierec-test-q4_k_m")
+    rmse_torch = res["parity"]["adapter"]["rmse_torch"]
+    for kind in res["models"]:
+        p = res["parity"][kind]
+        assert p["n"] == 8 and p["ollama_preds_per_s"] > 0 and p["rmse_torch"] == rmse_torch, (kind, p)
+        assert abs(p["rmse"] - rmse_torch - p["rmse_diff"]) < 1e-9 and p["rmse_diff_ci95"][0] <= p["rmse_diff"] <= p["rmse_diff_ci95"][1]
+    assert res["parity"]["q8_0"]["mean_abs_diff"] <= 0.1, res["parity"]["q8_0"]   # 8 bits stay close to F16
+    names = {m.model.split(":")[0] for m in ollama_server.client().list().models}
+    assert {"movierec-test-q8_0", "movierec-test-q4_k_m"} <= names
+
+
+@pytest.mark.slow
+def test_bench_quantize_prints_the_trade_off_table(deployed, project_root, capsys):
+    "bench/quantize.py's table: one row per served variant, with size, speed, RMSE next to PyTorch's and agreement."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_quantize", project_root / "bench" / "quantize.py")
+    quantize = importlib.util.module_from_spec(spec); spec.loader.exec_module(quantize)
+    res, adapter, out = deployed
+    table = quantize.trade_off_table(res)
+    assert table.index.tolist() == ["adapter", "merged", "q8_0", "q4_K_M"]
+    assert {"MB", "ratings/s", "rmse", "rmse - pytorch", "95% interval", "mean |diff|", "argmax agreement"} <= set(table.columns)
+    assert table.loc["q4_K_M", "MB"] < table.loc["q8_0", "MB"] < table.loc["merged", "MB"]
+    assert quantize.main(["--deploy-json", str(out / "deploy.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "q4_K_M" in printed and "pytorch" in printed and "8 test ratings" in printed
+
+
+@pytest.mark.slow
+def test_ollama_cli_answers_with_the_rating(deployed, ollama_server, ml_prompts, torch_preds):
+    "The official CLI on the exported Modelfile: `ollama create -f Modelfile`, `ollama run NAME PROMPT` answers the rating alone."
+    from movierec.assets import ensure_ollama
+    from movierec.model import smollm2_tokenizer
+    from movierec.serve import ollama_predict
+    res, adapter, out = deployed
+    env = {**os.environ, "OLLAMA_HOST": ollama_server.host.removeprefix("http://"), "NO_COLOR": "1"}
+    def cli(*args, cwd=None):   # an argument list: the prompts' metacharacters never meet a shell
+        r = subprocess.run([str(ensure_ollama(build=False)), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                           timeout=600, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+        return r.stdout
+    cli("create", "movierec-test-cli", "-f", "Modelfile", cwd=out)
+    try:
+        answers = [cli("run", "--nowordwrap", "movierec-test-cli", p).strip() for p in ml_prompts]
+        raw = ollama_predict(ollama_server.client(), "movierec-test-cli", ml_prompts, smollm2_tokenizer(), concurrency=2,
+                             num_ctx=res["num_ctx"])
+    finally: ollama_server.client().delete("movierec-test-cli")
+    assert answers == raw.response.tolist()                       # the greedy token after the same text as the scoring path's
+    assert answers == [str(int(a)) for a in torch_preds.argmax], answers   # ... which is the rating PyTorch predicts
+    assert not CANARY.exists()
+
+
+class RefusesAdapters:
+    "An Ollama client whose server refuses to create models from an adapter, as newer Ollama releases are reported to."
+    def __init__(self, client): self.client = client
+    def __getattr__(self, name): return getattr(self.client, name)
+    def create(self, *a, adapters=None, **kw):
+        import ollama
+        if adapters: raise ollama.ResponseError("ADAPTER is no longer supported; create the model from merged weights", 400)
+        return self.client.create(*a, **kw)
+
+
+@pytest.mark.slow
+def test_a_server_refusing_adapters_serves_the_merged_model(tmp_path, base_gguf, ml_targets, ollama_server):
+    "The adapter refused: NAME is created from the merged GGUF, deploy.json says so, the Modelfile is the one that works."
+    from movierec.deploy import DeployConfig, deploy, serve_deployed
+    adapter = random_adapter(tmp_path / "adapter", base_gguf, layers=4)
+    client = ollama_server.client()
+    res = deploy(adapter, tmp_path / "gguf", DeployConfig(model_name="movierec-picky"), parity_prompts=ml_targets.head(4), concurrency=2,
+                 client=RefusesAdapters(client))
+    try:
+        on_disk = json.loads((tmp_path / "gguf" / "deploy.json").read_text())
+        assert on_disk["served_from"] == res["served_from"] == "merged" and res["models"] == {"merged": "movierec-picky"}
+        assert on_disk["adapter_refused"] == "ADAPTER is no longer supported; create the model from merged weights"
+        modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
+        assert "FROM ./merged-f16.gguf\n" in modelfile and "ADAPTER" not in modelfile
+        p = res["parity"]["merged"]
+        assert p["n"] == 4 and p["mean_abs_diff"] <= 0.05 and p["argmax_agreement"] == 1, p
+        assert client.show("movierec-picky").details.quantization_level == "F16"
+        client.delete("movierec-picky")   # later stages create it again from the files, without an adapter too
+        assert serve_deployed(RefusesAdapters(client), tmp_path / "gguf") == "movierec-picky"
+        assert "ADAPTER" not in client.show("movierec-picky").modelfile
+    finally: client.delete("movierec-picky")
 
 
 @pytest.fixture(scope="module")
