@@ -9,7 +9,7 @@ PARAMS ?= params/default.yaml
 RUN ?= runs/default
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test lab bench clean-venv docs
+.PHONY: setup run test lab bench clean-venv docs docs-refresh
 
 $(STAMP): requirements.lock setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: setup
 # the documentation site in _docs/: every notebook as committed (outputs included, nothing executed)
 docs: $(STAMP)
 	$(BIN)/python tools/build_docs.py --out _docs
+
+# execute the notebooks of nbs/ in place so they are committed with their outputs (tidied: no stderr, no
+# widgets, no paths of this machine, small PNGs); NB="nbs/06_evaluate.ipynb ..." for some of them
+docs-refresh: setup
+	flock /tmp/movierec-cpu.lock $(BIN)/python tools/execute_notebooks.py $(NB)
 
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=nbs

@@ -14,12 +14,13 @@ import yaml
 
 from .core import MovierecError, RunLayout, get_logger
 from .params import SECTIONS, Params, stage_knobs
+from .update import UpdateConfig
 
 log = get_logger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'add_knob_flags', 'params_from_args', 'cmd_setup', 'cmd_data', 'cmd_train', 'cmd_evaluate', 'cmd_deploy',
-           'cmd_run', 'cmd_compare', 'cmd_recommend', 'cmd_tune', 'build_parser', 'main']
+           'cmd_run', 'cmd_compare', 'cmd_recommend', 'cmd_prompt', 'cmd_tune', 'cmd_update', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #983b712a
 def _value(text: str):
@@ -117,17 +118,36 @@ def cmd_compare(args) -> int:
 
 # %% ../nbs/99_cli.ipynb #6ab15032
 def cmd_recommend(args) -> int:
-    "Top-k movies for a user of the data, or for a new user given by liked titles."
+    "Top-k movies for a user of the data, or for a new user given by liked titles; `--explain` prints each one's reasons."
+    from movierec.explain import format_reasons
     from movierec.stages import recommend_for
-    run = RunLayout(args.run) if args.run else None
-    data = args.data or (run.data if run else None)
-    if data is None: raise MovierecError("Say where the prepared data is: --run DIR, or --data DIR (with --adapter DIR).")
+    data, adapter = _data_and_adapter(args)
     likes = [t for t in args.likes.split(";") if t.strip()] if args.likes else None
-    top = recommend_for(params_from_args(args), data, args.adapter or (run.adapter if run else None), user_id=args.user, likes=likes)
-    if args.json: print(top[["movie_id", "title", "year", "pred"]].to_json(orient="records"))
+    top = recommend_for(params_from_args(args), data, adapter, user_id=args.user, likes=likes)
+    if args.json: print(top.to_json(orient="records"))  # every column: scores, retriever rank, reasons
+    elif args.explain: print(format_reasons(top))
     else:
         top["genres"] = top.genres.map(", ".join)
         print(top[["movie_id", "title", "year", "genres", "pred"]].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    return 0
+
+def _data_and_adapter(args) -> tuple:
+    "The prepared data folder and the adapter folder from --run, or from --data and --adapter."
+    run = RunLayout(args.run) if args.run else None
+    data = args.data or (run.data if run else None)
+    if data is None: raise MovierecError("Say where the prepared data is: --run DIR, or --data DIR (with --adapter DIR).")
+    return data, getattr(args, "adapter", None) or (run.adapter if run and run.adapter.is_dir() else None)
+
+def cmd_prompt(args) -> int:
+    "The prompt the model reads for a user and a movie (as the run's data was prepared), to paste into `ollama run`."
+    from movierec.prompts import prompts_for_user
+    from movierec.recommend import prepared_dataset, prompt_setting
+    data, _ = _data_and_adapter(args)
+    ml, ratings, template = prepared_dataset(data)
+    if args.movie not in set(ml.movies.movie_id):
+        raise MovierecError(f"Movie {args.movie} is not in {data}/movies.parquet; movie ids run from {ml.movies.movie_id.min()} to {ml.movies.movie_id.max()}.")
+    ctx = prompt_setting(data, ml, ratings, template)
+    print(prompts_for_user(ml, ratings, args.user, [args.movie], template=template, ctx=ctx)[0])
     return 0
 
 # %% ../nbs/99_cli.ipynb #131acd3c
@@ -146,6 +166,20 @@ def cmd_tune(args) -> int:
     print(f"best of {len(study.trials)} trials: validation RMSE {b.value:.4f} with {b.params}")
     print(f"study in {_masked(p.tune.storage) or Path(args.out) / 'study.db'}; summary {Path(args.out) / 'tune.json'}")
     return 0
+
+# %% ../nbs/99_cli.ipynb #5e1a7c20
+def cmd_update(args) -> int:
+    "Continue `--run`'s adapter on the ratings that arrived after its data, into the new run folder `--out`."
+    from movierec.update import update
+    cfg = UpdateConfig.build({k: getattr(args, k) for k in UpdateConfig.model_fields if getattr(args, k, None) is not None}, source="flags")
+    rec = update(args.run, args.out, cfg, ratings=args.ratings, resume=args.resume)
+    d, t = rec["data"], rec["train"]
+    print(f"{rec['parent']} updated with {d['new_by_split']['train']:,} new training ratings after {d['since']} (up to {d['until']}): "
+          f"{d['update_examples']:,} update examples (+{d['replay_examples']:,} replayed), {t['steps']} steps in {rec['seconds']['train']} s")
+    print(f"{d['ratings']['test']:,} test ratings after {d['until']}; score them with "
+          f"`movierec evaluate --data {RunLayout(args.out).data} --adapter {RunLayout(args.out).adapter} --out {args.out}`")
+    return 0
+
 
 # %% ../nbs/99_cli.ipynb #7c130e15
 def _subcommand(sub, name: str, func, help: str, sections=(), knobs=(), **paths):
@@ -192,7 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
                     data=(False, "a folder written by `movierec data`"))
     s.add_argument("--user", type=int, metavar="ID", help="a user id of the dataset")
     s.add_argument("--likes", metavar='"TITLE; TITLE"', help="titles a new user liked, separated by semicolons")
-    s.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    s.add_argument("--json", action="store_true", help="print JSON records (scores, retriever rank, reasons) instead of a table")
+    s.add_argument("--explain", action="store_true", help="print each recommendation with its reasons from the data")
+    s = _subcommand(sub, "prompt", cmd_prompt, "print the prompt for a user and a movie, as the model reads it (paste it into `ollama run`)",
+                    run=(False, "a run folder (uses its data/)"), data=(False, "a folder written by `movierec data`"))
+    s.add_argument("--user", type=int, metavar="ID", required=True, help="a user id of the dataset")
+    s.add_argument("--movie", type=int, metavar="ID", required=True, help="a movie id of the dataset")
+    s = _subcommand(sub, "update", cmd_update, "continue a run's adapter on the ratings that arrived after its data, into a new run folder",
+                    run=(True, "the parent run folder (its data/ and adapter/)"), out=(True, "the new run folder"))
+    s.add_argument("--ratings", metavar="PATH", help="the later ratings: a MovieLens folder in any layout or a dataset name "
+                   "(default: the parent's own dataset, cut by --since/--until)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted update from its last checkpoint in --out")
+    g = s.add_argument_group("update knobs (not in a run's params: they describe one update)")
+    for name, f in UpdateConfig.model_fields.items():
+        g.add_argument("--" + name.replace("_", "-"), type=_value, default=None, metavar=name.split("_")[-1].upper(),
+                       help=f"{f.description} (default: {f.default})".replace("%", "%%"))
     s = _subcommand(sub, "compare", cmd_compare, "two runs on the same test ratings: each difference with a paired bootstrap 95%% interval and a verdict, per segment; a plot")
     s.add_argument("run_a", metavar="RUN_A"); s.add_argument("run_b", metavar="RUN_B")
     s.add_argument("--plot", metavar="FILE", help="where to write the plot (default: beside RUN_B)")

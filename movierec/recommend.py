@@ -14,6 +14,7 @@ import pandas as pd
 from pydantic import field_validator
 
 from .core import Knobs, MovierecError, device_knob, get_logger, knob, seed_knob
+from .core import progress as progress_bar
 from .data import MovieLens
 from .evaluate import paired_interval
 from .explain import reasons
@@ -227,9 +228,7 @@ def _rankings(cfg: RecommendConfig, fitted: dict, w, rows, index, users, name, l
     reranked = [r for r in cfg.rerank_retrievers if r in base] if lm_score_fn and cfg.rerank_n else []
     for r in reranked: out[f"{r}+{name}"], out[f"{r}+{name}_liked"] = {}, {}
     it = list(enumerate(users.tolist()))
-    if reranked and progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc="re-ranking")
+    if reranked and progress: it = progress_bar(it, desc="re-ranking")  # log lines under `movierec run`
     for i, u in it if reranked else []:
         cands = np.unique(np.concatenate([base[r][i][:cfg.rerank_n] for r in reranked]))
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import pandas as pd
 from scipy.special import softmax
 
 from .core import MovierecError, use_bf16
+from .core import progress as progress_bar
 from .model import model_input, rating_token_ids
 
 # %% auto #0
@@ -91,9 +92,8 @@ def _batches(order, batch_size: int):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 def _progress(iterable, progress: bool, desc: str, total=None):
-    if not progress: return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total)
+    # core.progress: a widget in JupyterLab, log lines under `movierec run` (MOVIEREC_PROGRESS=log)
+    return progress_bar(iterable, desc=desc, total=total, enabled=progress)
 
 # %% ../nbs/05_score.ipynb #d277b871
 def process_share() -> tuple[int, int]:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,9 +41,9 @@ log = get_logger(__name__)
 __all__ = ['log', 'OBJECTIVES', 'SCHEDULERS', 'CPU_TRAIN_EXAMPLES', 'TRAIN_COLUMNS', 'RESUME_KEYS', 'TRACKERS', 'FINAL_FIGURES',
            'TrainConfig', 'load_examples', 'tokenize_examples', 'examples_key', 'tokenize_cached', 'tokenize_splits',
            'Collator', 'answer_loss', 'build_model', 'longest_example', 'wrap_lora', 'run_fingerprint',
-           'training_arguments', 'check_tracker', 'tracking_run', 'log_metrics_to_tracker', 'make_trainer',
-           'peak_rss_mb', 'fit', 'find_checkpoint', 'write_loss_log', 'save_outputs', 'check_out_dir', 'torchrun',
-           'launch', 'train']
+           'training_arguments', 'check_tracker', 'tracking_run', 'log_metrics_to_tracker', 'log_lines_callback',
+           'progress_as_log_lines', 'make_trainer', 'peak_rss_mb', 'fit', 'find_checkpoint', 'write_loss_log',
+           'save_outputs', 'check_out_dir', 'torchrun', 'launch', 'train']
 
 # %% ../nbs/04_train.ipynb #7d155608
 OBJECTIVES = ("rating", "response", "expected_mse")
@@ -234,7 +235,10 @@ def wrap_lora(model, cfg: TrainConfig):
     if cfg.load_in_4bit: model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets),
                       bias="none", task_type="CAUSAL_LM")
-    try: model = get_peft_model(model, lora)
+    try:
+        with warnings.catch_warnings():  # PEFT 0.x still asks transformers 5 for the deprecated name: not the user's concern
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            model = get_peft_model(model, lora)
     except ValueError as e: raise MovierecError(f"LoRA target modules {list(cfg.lora_targets)} do not fit this model: {e}") from e
     if cfg.gradient_checkpointing: model.enable_input_require_grads()
     return model
@@ -269,7 +273,7 @@ def training_arguments(cfg: TrainConfig, out_dir, device: str, has_val: bool, wo
         bf16=bf16, fp16=device.startswith("cuda") and not bf16, seed=cfg.seed, data_seed=cfg.seed,
         report_to=cfg.report_to, remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=device == "cpu",
+        activation_checkpointing=cfg.gradient_checkpointing, use_cpu=device == "cpu",  # transformers 5's name for it
         ddp_backend="gloo" if world_size > 1 and device == "cpu" else None, ddp_find_unused_parameters=False,
         disable_tqdm=not progress, dataloader_num_workers=0)
 
@@ -398,6 +402,31 @@ def _trainer_classes():
 
     return MovierecTrainer, CheckpointMeta
 
+# %% ../nbs/04_train.ipynb #06453ed1
+def log_lines_callback(every: float = 15.0, log=None):
+    "A `TrainerCallback` logging 'train: step 120/500 (24%), loss 0.83, 2.10 s/step, about 13 min left' at most every `every` s, and each eval loss."
+    from transformers import TrainerCallback
+    log = log or get_logger("movierec.train")
+
+    class LogLines(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw): self.t0 = self.last = time.monotonic(); self.step0 = state.global_step
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs, now = logs or {}, time.monotonic()
+            if "eval_loss" in logs:
+                log.info("train: step %d, validation loss %.4f", state.global_step, logs["eval_loss"]); return
+            if "loss" not in logs or (now - self.last < every and state.global_step < state.max_steps): return
+            self.last, done = now, state.global_step - self.step0
+            pace = (now - self.t0) / done if done else float("nan")
+            left = (state.max_steps - state.global_step) * pace
+            log.info("train: step %d/%d (%.0f%%), loss %.4f, %.2f s/step, about %s left", state.global_step, state.max_steps,
+                     100 * state.global_step / max(state.max_steps, 1), logs["loss"], pace,
+                     f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s")
+    return LogLines()
+
+def progress_as_log_lines() -> bool:
+    "Whether progress is reported as log lines (`$MOVIEREC_PROGRESS=log`, set by `movierec run`) rather than tqdm bars."
+    return os.environ.get("MOVIEREC_PROGRESS") == "log"
+
 # %% ../nbs/04_train.ipynb #0f577bb0
 def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame | None, meta: dict, callbacks=(),
                  tracking: dict | None = None):
@@ -413,6 +442,10 @@ def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFram
     trainer.add_callback(CheckpointMeta(trainer, meta))
     if cfg.early_stopping_patience and val_df is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    if progress_as_log_lines():  # log lines instead of a bar, and instead of PrinterCallback's dicts on stdout
+        from transformers.trainer_callback import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(log_lines_callback())
     for cb in callbacks: trainer.add_callback(cb)
     for cb in trainer.callback_handler.callbacks:
         if tracking and tracking["tracker"] == "tensorboard" and type(cb).__name__ == "TensorBoardCallback": cb.logging_dir = tracking["log_dir"]
@@ -590,7 +623,7 @@ def train(data_dir, out_dir, cfg: TrainConfig | None = None, resume: bool = Fals
     model = wrap_lora(model, cfg)
     meta = run_fingerprint(cfg, tokenizer, train_df, world_size)
     # 4. training arguments, the checkpoint to resume from (checked), the trainer (logging to the tracker's run)
-    args = training_arguments(cfg, out_dir, device, val_df is not None, world_size, progress)
+    args = training_arguments(cfg, out_dir, device, val_df is not None, world_size, progress and not progress_as_log_lines())
     ckpt = find_checkpoint(out_dir / "checkpoints", meta, model) if resume else None
     with tracking_run(cfg, out_dir) as tracking:
         trainer = make_trainer(model, tokenizer, args, cfg, train_df, val_df, meta, callbacks, tracking)

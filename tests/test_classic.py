@@ -19,7 +19,7 @@ TOL = 0.005
 
 @pytest.fixture(scope="module")
 def table(ml100k_dir, tmp_path_factory):
-    cfg = PrepareConfig()
+    cfg = PrepareConfig(template="compact")  # the split and the classic models do not depend on the prompt (and compact needs no classic fits)
     out = tmp_path_factory.mktemp("data")
     prepare(cfg, out, ml=load_movielens(ml100k_dir))
     ratings = load_prepared(out)["ratings"]

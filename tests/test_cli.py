@@ -21,7 +21,7 @@ def cli(*args, check=True):
 def work(tmp_path_factory):
     "A prepared ML-100K (two training windows per user) and a 2-step adapter on the tiny random Llama."
     d = tmp_path_factory.mktemp("cli")
-    data = cli("data", "--out", d / "data", "--max-per-user", 2, "--seed", 0)
+    data = cli("data", "--out", d / "data", "--max-per-user", 2, "--seed", 0, "--template", "compact")
     train = cli("train", "--data", d / "data", "--out", d / "adapter", "--base-model", "tiny-llama", "--max-steps", 2,
                 "--train-examples", 16, "--val-examples", 8, "--batch-size", 4, "--save-steps", 2, "--learning-rate", "1e-3")
     return d, data, train
@@ -65,6 +65,18 @@ def test_recommend_prints_top_k_as_table_and_json(work):
     assert len(recs) == 3 and {"movie_id", "title", "pred"} <= set(recs[0]) and all(1 <= x["pred"] <= 5 for x in recs)
     bad = cli("recommend", "--data", d / "data", "--adapter", d / "adapter", "--likes", "No Such Movie At All", check=False)
     assert bad.returncode == 2 and "No movie titled 'No Such Movie At All'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_recommend_explain_prints_reasons_and_prompt_prints_the_model_input(work):
+    d, _, _ = work
+    r = cli("recommend", "--data", d / "data", "--adapter", d / "adapter", "--user", 1, "--top-k", 2, "--rerank-n", 5, "--explain")
+    assert r.stdout.lstrip().startswith("1. ") and "predicted" in r.stdout and "itemknn rank" in r.stdout, r.stdout
+    j = json.loads(cli("recommend", "--data", d / "data", "--adapter", d / "adapter", "--user", 1, "--top-k", 2, "--rerank-n", 0, "--json").stdout)
+    assert {"similar_liked", "shared_genres", "retriever_rank"} <= set(j[0]), j[0]
+    p = cli("prompt", "--data", d / "data", "--user", 1, "--movie", 50)
+    assert p.stdout.startswith("Predict the user's rating (1-5) of the movie.") and "Star Wars" in p.stdout, p.stdout
+    bad = cli("prompt", "--data", d / "data", "--user", 1, "--movie", 99999, check=False)
+    assert bad.returncode == 2 and "Movie 99999 is not in" in bad.stderr
 
 
 def test_tune_prints_the_best_trial(work):

@@ -35,12 +35,9 @@ NOISE = 1e-3
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ml100k_dir) -> Path:
+def prepared(tmp_path_factory, ml100k_prepared) -> Path:
     "512 training, 16 validation and 29 test examples of real ML-100K prompts, in the layout `prepare` writes."
-    from movierec.prompts import PrepareConfig, load_prepared, prepare
-    full = tmp_path_factory.mktemp("ml100k")
-    prepare(PrepareConfig(dataset=str(ml100k_dir), seed=0), full)
-    d = load_prepared(full)
+    d = ml100k_prepared
     small = tmp_path_factory.mktemp("small")
     for split, n in (("train", 512), ("val", 16), ("test", 29)):
         d[split].sample(n, random_state=0).reset_index(drop=True).to_parquet(small / f"{split}.parquet")

@@ -119,3 +119,13 @@ def test_library_never_switches_the_matplotlib_backend(tmp_path):
     from movierec.train import write_loss_log
     df, fig = write_loss_log([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}], tmp_path)
     assert matplotlib.get_backend() == before and type(fig).__name__ == "Figure" and (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_every_notebook_opens_on_the_movierec_kernel_with_widgets():
+    "JupyterLab asked which kernel to use (no kernelspec), and tqdm's bars fell back to text without ipywidgets."
+    import importlib
+    nbs = sorted((PROJECT_ROOT / "nbs").glob("**/*.ipynb"))
+    assert nbs
+    wrong = [p.name for p in nbs if json.loads(p.read_text())["metadata"].get("kernelspec", {}).get("name") != "movierec"]
+    assert not wrong, f"notebooks without the movierec kernelspec: {wrong}"
+    assert importlib.import_module("ipywidgets").__version__.startswith("8.")

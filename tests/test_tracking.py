@@ -27,12 +27,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ml100k_dir) -> Path:
+def prepared(tmp_path_factory, ml100k_prepared) -> Path:
     "64 training and 16 validation examples of real ML-100K prompts, in the layout `prepare` writes."
-    from movierec.prompts import PrepareConfig, load_prepared, prepare
-    full = tmp_path_factory.mktemp("ml100k")
-    prepare(PrepareConfig(dataset=str(ml100k_dir), seed=0), full)
-    d = load_prepared(full)
+    d = ml100k_prepared
     small = tmp_path_factory.mktemp("small")
     for split, n in (("train", 64), ("val", 16)):
         d[split].sample(n, random_state=0).reset_index(drop=True).to_parquet(small / f"{split}.parquet")

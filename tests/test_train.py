@@ -31,12 +31,9 @@ TINY_RUN = dict(base_model=TINY, max_steps=12, save_steps=4, val_examples=0, lea
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ml100k_dir) -> Path:
+def prepared(tmp_path_factory, ml100k_prepared) -> Path:
     "128 training and 16 validation examples of real ML-100K prompts, in the layout `prepare` writes."
-    from movierec.prompts import PrepareConfig, load_prepared, prepare
-    full = tmp_path_factory.mktemp("ml100k")
-    prepare(PrepareConfig(dataset=str(ml100k_dir), seed=0), full)
-    d = load_prepared(full)
+    d = ml100k_prepared
     small = tmp_path_factory.mktemp("small")
     d["train"].sample(128, random_state=0).reset_index(drop=True).to_parquet(small / "train.parquet")
     d["val"].sample(16, random_state=0).reset_index(drop=True).to_parquet(small / "val.parquet")
