@@ -243,7 +243,7 @@ def _similar_rated(ctx: PromptContext, hist: pd.DataFrame, s, h, movie_idx, fold
         for j in np.flatnonzero(fold == f).tolist():
             i, rows = inner[movie_idx[j]], np.arange(s[j], h[j])
             if i < 0 or not len(rows): continue
-            rows = rows[inner[hm[rows]] >= 0]
+            rows = rows[(inner[hm[rows]] >= 0) & (hm[rows] != movie_idx[j])]  # never the movie itself (a prompt about a rated movie)
             sims = sim[i, inner[hm[rows]]]
             top = rows[np.argsort(-sims, kind="stable")[:tp["similar"]]]
             top = top[sim[i, inner[hm[top]]] > 0]
