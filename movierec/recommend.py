@@ -5,6 +5,7 @@
 # %% ../nbs/12_recommend.ipynb #00d2b109
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Literal
@@ -70,7 +71,8 @@ def prepared_dataset(data_dir: str | Path) -> tuple[MovieLens, pd.DataFrame, str
 # %% ../nbs/12_recommend.ipynb #c9a5c7ae
 def prompt_setting(data_dir: str | Path, ml: MovieLens, ratings: pd.DataFrame, template: str):
     "The `prompts.PromptContext` of `data_dir`'s prompts: its template, its `history` knob, its saved classic models if any."
-    history = load_prepared(data_dir)["meta"].get("params", {}).get("history", "train")
+    # data.json only: load_prepared would read every split's examples again for one knob
+    history = json.loads((Path(data_dir) / "data.json").read_text()).get("params", {}).get("history", "train")
     classic = load_classic(data_dir) if (Path(data_dir) / CLASSIC_FILE).exists() else None
     return prompt_context(ml, ratings, template, history=history, classic=classic)
 
