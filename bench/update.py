@@ -107,6 +107,7 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--base-model", default=None)
     ap.add_argument("--train-examples", type=int, default=2000, help="A's and the retraining's training examples")
     ap.add_argument("--update-examples", type=int, default=2000)
+    ap.add_argument("--objective", default="expected_mse", help="A's and the retraining's objective (the update keeps A's); the default run's")
     ap.add_argument("--replay", type=float, default=0.0)
     ap.add_argument("--update-learning-rate", type=float, default=None)
     ap.add_argument("--max-steps", type=int, default=-1, help="every training's step limit (-1: one epoch)")
@@ -123,7 +124,8 @@ def main(argv=None) -> dict | None:
     T, T2 = cut_times(ml, args.cut)
     a, b, r = (RunLayout(args.out / n) for n in ("A", "B", "R"))
     pcfg = PrepareConfig(dataset=str(ml.path), split="global", seed=args.seed)
-    tcfg = TrainConfig(base_model=args.base_model, train_examples=args.train_examples, max_steps=args.max_steps, device="cpu", seed=args.seed)
+    tcfg = TrainConfig(base_model=args.base_model, train_examples=args.train_examples, objective=args.objective,
+                       max_steps=args.max_steps, device="cpu", seed=args.seed)
     seconds = {}
     # A: the ratings up to T
     _, seconds["a_prepare"] = timed(prepare, pcfg, a.data, ml=time_cut(ml, until=T))

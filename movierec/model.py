@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from pathlib import Path
 
 from .assets import base_model_path
@@ -19,7 +20,8 @@ TINY = "tiny-llama"  # a base-model spec: `load_base(TINY)` gives `tiny_llama()`
 
 # %% auto #0
 __all__ = ['log', 'TINY', 'resolve_base', 'load_tokenizer', 'smollm2_tokenizer', 'model_input', 'rating_token_ids', 'tiny_llama',
-           'rank_device', 'load_base', 'read_adapter_meta', 'load_adapter']
+           'rank_device', 'load_base', 'read_adapter_meta', 'quiet_peft', 'apply_adapter', 'adapter_tokenizer',
+           'load_adapter']
 
 # %% ../nbs/03_model.ipynb #21ca0ded
 def resolve_base(base_model: str | os.PathLike | None = None) -> tuple[str, str | None]:
@@ -173,15 +175,27 @@ def read_adapter_meta(adapter_dir) -> dict:
     except ValueError as e: raise MovierecError(f"{f} is not valid JSON ({e}); retrain or restore it.") from e
 
 # %% ../nbs/03_model.ipynb #4026b447
+def quiet_peft(f, *args, **kwargs):
+    "`f(*args, **kwargs)` without the FutureWarning PEFT 0.x triggers by asking transformers 5 for a deprecated name (not the user's concern)."
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return f(*args, **kwargs)
+
+def apply_adapter(model, adapter_dir, trainable: bool = False):
+    "`model` with the PEFT adapter saved in `adapter_dir` applied; its LoRA weights trainable when `trainable` (to continue it)."
+    from peft import PeftModel
+    return quiet_peft(PeftModel.from_pretrained, model, adapter_dir, is_trainable=trainable)
+
+def adapter_tokenizer(adapter_dir, tokenizer):
+    "The tokenizer saved with an adapter (EOS padding when it has no pad token), or `tokenizer` when it saved none."
+    from transformers import AutoTokenizer
+    if not (Path(adapter_dir) / "tokenizer_config.json").exists(): return tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
 def load_adapter(adapter_dir, device: str | None = None, dtype=None):
     "Load `(model, tokenizer)`: the base model an adapter was trained on, with the adapter applied, in eval mode."
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-    adapter_dir = Path(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
     model, tokenizer = load_base(meta.get("base_model"), device=device, dtype=dtype)
-    if (adapter_dir / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
-    model = PeftModel.from_pretrained(model, adapter_dir)
-    return model.eval(), tokenizer
+    return apply_adapter(model, adapter_dir).eval(), adapter_tokenizer(adapter_dir, tokenizer)

@@ -94,7 +94,9 @@ def _execute(nb: Path, run: RunLayout, stream: bool) -> None:
     try:
         pm.execute_notebook(str(nb), str(run.notebook(nb.stem)), parameters={"run_dir": str(run.root)}, kernel_name=kernel_name(),
                             cwd=str(run.root), progress_bar=False, stdout_file=sys.stderr if stream else None,
-                            stderr_file=sys.stderr if stream else None)
+                            stderr_file=sys.stderr if stream else None,
+                            # the kernel's own log (a warning about its local TCP sockets at every start) is not the run's news
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
     finally:
         if saved is None: os.environ.pop("MOVIEREC_PROGRESS", None)
         else: os.environ["MOVIEREC_PROGRESS"] = saved

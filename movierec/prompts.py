@@ -31,8 +31,8 @@ log = get_logger(__name__)
 # %% auto #0
 __all__ = ['log', 'RATING_PREFIX', 'TEMPLATES', 'DEFAULT_TEMPLATE', 'RESPONSE', 'REASONING', 'COLUMNS', 'KEY', 'ROWS_PER_CHUNK',
            'get_template', 'stars', 'PrepareConfig', 'PromptContext', 'prompt_context', 'signal_models',
-           'profile_prompts', 'train_targets', 'fit_signal', 'iter_examples', 'build_examples', 'prompts_for_user',
-           'prepare', 'read_examples', 'load_prepared']
+           'profile_prompts', 'train_targets', 'history_bounds', 'fit_signal', 'iter_examples', 'build_examples',
+           'prompts_for_user', 'prepare', 'read_examples', 'load_prepared']
 
 # %% ../nbs/02_prompts.ipynb #5972468c
 RATING_PREFIX = "Rating Prediction: "
@@ -402,7 +402,7 @@ def _responses(rating: np.ndarray, prof: pd.DataFrame, reasoning: bool) -> list[
             for x, n, m, p, g, c in zip(st, prof.history_len.tolist(), prof.user_mean.tolist(), prof._preferred, prof._genres, conf)]
 
 # %% ../nbs/02_prompts.ipynb #6831e7a7
-def _history_bounds(hist: pd.DataFrame, user, ts) -> tuple[np.ndarray, np.ndarray]:
+def history_bounds(hist: pd.DataFrame, user, ts) -> tuple[np.ndarray, np.ndarray]:
     "For targets (user, time): the rows `s..h-1` of `hist` (sorted by user, time) that are the user's ratings strictly before that time."
     hu, ht = hist.user_id.to_numpy(), hist.timestamp.to_numpy(np.int64)
     users = np.unique(np.r_[hu, np.asarray(user)])
@@ -421,7 +421,7 @@ def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, spl
     cand = np.concatenate(parts)  # one profile pass for every split: the running sums are computed once
     # the history a profile reads: every earlier rating, or (history="train") only the earlier training ratings
     hist = r if ctx.history == "before" else r[~np.isin(split, ["val", "test"])]
-    s, h = _history_bounds(hist, user[cand], ts[cand])
+    s, h = history_bounds(hist, user[cand], ts[cand])
     fold = None
     if ctx.signal is not None:  # training targets read their fold's models, the others the full ones
         fold = np.where(is_target[cand], ctx.signal.fold_of(user[cand]), -1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +28,7 @@ from .score import score_candidates
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Retriever', 'LM_SCORES', 'RANKING_METRICS', 'COLD_START_FOLD', 'RecommendConfig', 'prepared_dataset',
+__all__ = ['log', 'Retriever', 'LM_SCORES', 'RRF_K', 'RANKING_METRICS', 'COLD_START_FOLD', 'RecommendConfig', 'prepared_dataset',
            'prompt_setting', 'match_titles', 'with_liked_user', 'lm_scores', 'rerank', 'recommend', 'per_user_metrics',
            'coverage', 'ranking_table', 'evaluation_users', 'ranking_metrics']
 
@@ -39,7 +40,8 @@ class RecommendConfig(Knobs):
     top_k: int = knob(10, "how many movies to recommend", ge=1)
     retriever: Retriever = knob("itemknn", "the first stage of `recommend`: " + ", ".join(RETRIEVERS) + " (a new user: not bpr)")
     rerank_n: int = knob(50, "the retriever's top N that the language model re-ranks; 0: keep the retriever's order", ge=0)
-    rerank_by: Literal["expected", "liked"] = knob("expected", "the language model's ranking score: expected rating, or liked = P(rating >= 4)")
+    rerank_by: Literal["expected", "liked", "fused"] = knob("expected", "the language model's ranking score: expected rating, liked = "
+                                                          "P(rating >= 4), or fused = liked's order and the retriever's, reciprocal-rank fused")
     reasons: int = knob(3, "similar movies the user liked named per recommendation", ge=0)
     neighbours: int = knob(100, "itemknn: neighbours kept per movie", ge=1)
     factors: int = knob(64, "als and bpr: latent factors", ge=1)
@@ -101,7 +103,7 @@ def with_liked_user(ratings: pd.DataFrame, movie_ids: list[int]) -> tuple[pd.Dat
     return pd.concat([ratings, new.astype(ratings.dtypes.to_dict())], ignore_index=True), uid
 
 # %% ../nbs/12_recommend.ipynb #6b9d1bb8
-LM_SCORES = {"expected": "pred", "liked": "p_liked"}
+LM_SCORES = {"expected": "pred", "liked": "p_liked", "fused": "p_liked"}  # the score each rerank_by orders by
 
 def lm_scores(model, tokenizer, ml: MovieLens, ratings: pd.DataFrame, user_id: int, movie_ids, template: str,
               at_time=None, ctx=None, batch_size: int = 16) -> pd.DataFrame:
@@ -111,10 +113,16 @@ def lm_scores(model, tokenizer, ml: MovieLens, ratings: pd.DataFrame, user_id: i
     return out.assign(p_liked=out.p4 + out.p5, movie_id=np.asarray(movie_ids, dtype=np.int64)).set_index("movie_id")
 
 # %% ../nbs/12_recommend.ipynb #9b44ff07
-def rerank(ranking: np.ndarray, score: pd.Series, n: int) -> np.ndarray:
-    "`ranking` (movie ids, best first) with its first `n` sorted by `score` (indexed by movie id), descending; the rest unchanged."
+RRF_K = 60
+
+def rerank(ranking: np.ndarray, score: pd.Series, n: int, fuse: bool = False) -> np.ndarray:
+    """`ranking` (movie ids, best first) with its first `n` sorted by `score` (indexed by movie id), descending, or with `fuse` by
+    the reciprocal-rank fusion of that order and the retriever's; the rest unchanged."""
     head = ranking[:n]
     order = np.argsort(-score.reindex(head).to_numpy(float), kind="stable")
+    if fuse:
+        by_score = np.empty(len(head)); by_score[order] = np.arange(len(head))
+        order = np.argsort(-(1 / (RRF_K + 1 + np.arange(len(head))) + 1 / (RRF_K + 1 + by_score)), kind="stable")
     return np.r_[head[order], ranking[n:]]
 
 # %% ../nbs/12_recommend.ipynb #cb52b5e0
@@ -159,7 +167,8 @@ def recommend(cfg: RecommendConfig, data_dir: str | Path, model=None, tokenizer=
         ctx = prompt_setting(data_dir, ml, ratings, template)
         lm = lm_scores(model, tokenizer, ml, ratings, user_id, head, template, at_time=at_time, ctx=ctx, batch_size=batch_size)
         recs = recs.join(lm, on="movie_id")
-        recs = recs.set_index("movie_id").loc[rerank(recs.movie_id.to_numpy(), lm[LM_SCORES[cfg.rerank_by]], cfg.rerank_n)].reset_index()
+        order = rerank(recs.movie_id.to_numpy(), lm[LM_SCORES[cfg.rerank_by]], cfg.rerank_n, fuse=cfg.rerank_by == "fused")
+        recs = recs.set_index("movie_id").loc[order].reset_index()
     recs = recs.head(cfg.top_k).merge(ml.movies[["movie_id", "title", "year", "genres"]], on="movie_id", how="left")
     if explain:
         user = ratings[(ratings.user_id == user_id) & (ratings.timestamp < at_time if at_time is not None else True)]
@@ -176,7 +185,10 @@ def per_user_metrics(rankings: dict, relevant: dict) -> pd.DataFrame:
     if missing := [u for u in users if u not in rankings]: raise MovierecError(f"No ranking for user {missing[0]}.")
     qrels = Qrels({str(u): {str(m): 1 for m in relevant[u]} for u in users})
     run = Run({str(u): {str(m): float(len(rankings[u]) - i) for i, m in enumerate(rankings[u])} or {"-1": 0.0} for u in users})
-    evaluate(qrels, run, list(RANKING_METRICS.values()), save_results_in_run=True)
+    from numba.core.errors import NumbaTypeSafetyWarning
+    with warnings.catch_warnings():  # ranx's compiled metrics cast a uint64 loop index to int64, harmlessly: not the user's concern
+        warnings.simplefilter("ignore", NumbaTypeSafetyWarning)
+        evaluate(qrels, run, list(RANKING_METRICS.values()), save_results_in_run=True)
     return pd.DataFrame({"user_id": users, **{k: [run.scores[v][str(u)] for u in users] for k, v in RANKING_METRICS.items()}})
 
 # %% ../nbs/12_recommend.ipynb #e5ebac82
@@ -228,7 +240,7 @@ def _rankings(cfg: RecommendConfig, fitted: dict, w, rows, index, users, name, l
     seconds = {"retrieve": time.perf_counter() - t0, "rerank": 0.0, "candidates": 0}
     out = {r: dict(zip(users.tolist(), lists)) for r, lists in base.items() if r in cfg.retrievers or r in cfg.rerank_retrievers}
     reranked = [r for r in cfg.rerank_retrievers if r in base] if lm_score_fn and cfg.rerank_n else []
-    for r in reranked: out[f"{r}+{name}"], out[f"{r}+{name}_liked"] = {}, {}
+    for r in reranked: out[f"{r}+{name}"], out[f"{r}+{name}_liked"], out[f"{r}+{name}_fused"] = {}, {}, {}
     it = list(enumerate(users.tolist()))
     if reranked and progress: it = progress_bar(it, desc="re-ranking")  # log lines under `movierec run`
     for i, u in it if reranked else []:
@@ -239,6 +251,7 @@ def _rankings(cfg: RecommendConfig, fitted: dict, w, rows, index, users, name, l
         for r in reranked:
             out[f"{r}+{name}"][u] = rerank(base[r][i], lm.pred, cfg.rerank_n)
             out[f"{r}+{name}_liked"][u] = rerank(base[r][i], lm.p_liked, cfg.rerank_n)
+            out[f"{r}+{name}_fused"][u] = rerank(base[r][i], lm.p_liked, cfg.rerank_n, fuse=True)
     return out, seconds
 
 # %% ../nbs/12_recommend.ipynb #598d9637

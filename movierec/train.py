@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,7 +31,7 @@ from pydantic import PositiveInt
 
 from .core import (MOVIEREC_JSON, Knobs, MovierecError, atomic_path, data_dir as default_data_dir, device_knob, get_logger,
                            knob, pick_device, seed_everything, seed_knob, use_bf16, write_json)
-from .model import TINY, load_base, model_input, rank_device, rating_token_ids
+from .model import TINY, adapter_tokenizer, apply_adapter, load_base, model_input, quiet_peft, rank_device, rating_token_ids
 from .prompts import RATING_PREFIX, read_examples
 
 log = get_logger(__name__)
@@ -209,9 +208,11 @@ def answer_loss(model, batch: dict, objective: str, rating_ids: list[int]):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 # %% ../nbs/04_train.ipynb #dbb68916
-def build_model(cfg: TrainConfig, device: str, model=None, tokenizer=None):
-    "`(model, tokenizer)`: `cfg.base_model` loaded on `device`, or the `model` and `tokenizer` given."
-    if model is None: return load_base(cfg.base_model, device=device, load_in_4bit=cfg.load_in_4bit)
+def build_model(cfg: TrainConfig, device: str, model=None, tokenizer=None, parent_adapter=None):
+    "`(model, tokenizer)`: `cfg.base_model` loaded on `device` (with `parent_adapter`'s tokenizer when it saved one), or those given."
+    if model is None:
+        model, tokenizer = load_base(cfg.base_model, device=device, load_in_4bit=cfg.load_in_4bit)
+        return model, tokenizer if parent_adapter is None else adapter_tokenizer(parent_adapter, tokenizer)
     if tokenizer is None: raise MovierecError("train(model=...) needs its tokenizer too (tokenizer=...).")
     if cfg.base_model is None: log.warning("train(model=...) with base_model=None: movierec.json will name the default base model, "
                                            "so load_adapter will rebuild the adapter on it; set base_model in the TrainConfig to record the right one")
@@ -228,23 +229,25 @@ def longest_example(model, train_df: pd.DataFrame) -> int:
     return longest
 
 # %% ../nbs/04_train.ipynb #a98b36fe
-def wrap_lora(model, cfg: TrainConfig):
-    "`model` as a PEFT model with LoRA adapters on `cfg.lora_targets`; only the adapters train."
+def wrap_lora(model, cfg: TrainConfig, parent_adapter=None):
+    "`model` as a PEFT model with LoRA adapters on `cfg.lora_targets` (new, or `parent_adapter`'s weights); only the adapters train."
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     seed_everything(cfg.seed)
     if cfg.load_in_4bit: model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if parent_adapter is not None:  # `movierec update`: the parent run's LoRA weights, trainable, instead of fresh ones
+        model = apply_adapter(model, parent_adapter, trainable=True)
+        if cfg.gradient_checkpointing: model.enable_input_require_grads()
+        return model
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets),
                       bias="none", task_type="CAUSAL_LM")
-    try:
-        with warnings.catch_warnings():  # PEFT 0.x still asks transformers 5 for the deprecated name: not the user's concern
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            model = get_peft_model(model, lora)
+    try: model = quiet_peft(get_peft_model, model, lora)
     except ValueError as e: raise MovierecError(f"LoRA target modules {list(cfg.lora_targets)} do not fit this model: {e}") from e
     if cfg.gradient_checkpointing: model.enable_input_require_grads()
     return model
 
 # %% ../nbs/04_train.ipynb #159ab694
-RESUME_KEYS = ("base_model", "lora_rank", "lora_alpha", "lora_targets", "objective", "batch_size", "grad_accum", "data", "world_size")
+RESUME_KEYS = ("base_model", "lora_rank", "lora_alpha", "lora_targets", "objective", "batch_size", "grad_accum", "data", "world_size",
+               "parent")
 
 def run_fingerprint(cfg: TrainConfig, tokenizer, train_df: pd.DataFrame, world_size: int = 1) -> dict:
     "The `RESUME_KEYS` of this run: what a checkpoint must share with it to be resumed."
@@ -547,7 +550,8 @@ def save_outputs(trainer, tokenizer, out_dir, cfg: TrainConfig, summary: dict, d
         for f in Path(tmp).iterdir(): os.replace(f, out_dir / f.name)
     write_json(out_dir / MOVIEREC_JSON, {"base_model": summary["base_model"], "template": "chat" if getattr(tokenizer, "chat_template", None) else "plain",
                                          "rating_prefix": RATING_PREFIX, "objective": cfg.objective, "rating_token_ids": trainer.rating_ids,
-                                         "lora": summary["lora"], "data": str(data_dir)})
+                                         "lora": summary["lora"], "data": str(data_dir),
+                                         **({"parent": summary["parent"]} if "parent" in summary else {})})
     write_json(out_dir / "training_args.json", {"train_config": cfg.model_dump(mode="json"), "training_arguments": json.loads(trainer.args.to_json_string())})
     write_loss_log(trainer.state.log_history, out_dir)
     write_json(out_dir / "train.json", summary)
@@ -602,13 +606,15 @@ def launch(data_dir, out_dir, cfg: TrainConfig, resume: bool = False, progress: 
 
 # %% ../nbs/04_train.ipynb #8ddc2bd5
 def train(data_dir, out_dir, cfg: TrainConfig | None = None, resume: bool = False, model=None, tokenizer=None,
-          callbacks=(), progress: bool = True) -> dict:
-    "Fine-tune a LoRA adapter of `cfg.base_model` on the examples in `data_dir` into the folder `out_dir`; return `train.json`."
+          callbacks=(), progress: bool = True, parent_adapter=None) -> dict:
+    """Fine-tune a LoRA adapter of `cfg.base_model` on the examples in `data_dir` into the folder `out_dir`; return `train.json`.
+    `parent_adapter`: continue that adapter's weights (and use its tokenizer) instead of starting new ones (`movierec update`)."""
     cfg = cfg or TrainConfig()
     check_tracker(cfg.report_to)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under a launcher: start the processes
-        if model is not None or callbacks:
-            raise MovierecError(f"nproc={cfg.nproc} trains in new processes, which cannot be handed a model or callbacks; pass nproc=1.")
+        if model is not None or callbacks or parent_adapter is not None:
+            raise MovierecError(f"nproc={cfg.nproc} trains in new processes, which cannot be handed a model, callbacks or a parent adapter; "
+                                "pass nproc=1.")
         return launch(data_dir, out_dir, cfg, resume, progress)
     device, world_size = rank_device(pick_device(cfg.device)), int(os.environ.get("WORLD_SIZE", 1))
     cfg = cfg.resolved(device)
@@ -616,12 +622,13 @@ def train(data_dir, out_dir, cfg: TrainConfig | None = None, resume: bool = Fals
     # 1. examples
     train_df, val_df = load_examples(data_dir, cfg)
     # 2. model, and the examples' tokens (cached)
-    model, tokenizer = build_model(cfg, device, model, tokenizer)
+    model, tokenizer = build_model(cfg, device, model, tokenizer, parent_adapter)
     train_df, val_df = tokenize_splits(tokenizer, train_df, val_df, cfg.objective)
     max_length = longest_example(model, train_df)
     # 3. LoRA
-    model = wrap_lora(model, cfg)
+    model = wrap_lora(model, cfg, parent_adapter)
     meta = run_fingerprint(cfg, tokenizer, train_df, world_size)
+    if parent_adapter is not None: meta["parent"] = str(Path(parent_adapter).resolve())  # a checkpoint resumes only its own update (RESUME_KEYS)
     # 4. training arguments, the checkpoint to resume from (checked), the trainer (logging to the tracker's run)
     args = training_arguments(cfg, out_dir, device, val_df is not None, world_size, progress and not progress_as_log_lines())
     ckpt = find_checkpoint(out_dir / "checkpoints", meta, model) if resume else None
@@ -635,7 +642,7 @@ def train(data_dir, out_dir, cfg: TrainConfig | None = None, resume: bool = Fals
                "max_length": max_length, **stats,
                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "lora": {k: meta[k] for k in ("lora_rank", "lora_alpha", "lora_targets")}, "config": cfg.model_dump(mode="json"),
-               **({"tracking": tracking} if tracking else {})}
+               **({"tracking": tracking} if tracking else {}), **({"parent": meta["parent"]} if "parent" in meta else {})}
     save_outputs(trainer, tokenizer, out_dir, cfg, summary, data_dir)
     if tracking: log_metrics_to_tracker(out_dir, {k: stats[k] for k in FINAL_FIGURES}, prefix="final/", step=stats["steps"])
     return summary

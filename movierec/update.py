@@ -15,15 +15,13 @@ import pandas as pd
 from pydantic import PositiveInt, field_validator
 
 from .classic import CLASSIC_FILE, CLASSIC_NAMES, fit_classic, fit_out_of_fold, save_classic
-from .core import (MOVIEREC_JSON, Knobs, MovierecError, RunLayout, atomic_path, device_knob, get_logger, knob,
-                           pick_device, seed_everything, seed_knob, write_json)
+from .core import Knobs, MovierecError, RunLayout, atomic_path, device_knob, get_logger, knob, seed_knob, write_json
 from .data import SPLITS, MovieLens, load_movielens
-from .model import load_base, rank_device, read_adapter_meta
+from .model import read_adapter_meta
 from .params import Params
-from .prompts import (RATING_PREFIX, PrepareConfig, _history_bounds, profile_prompts, prompt_context, signal_models,
+from .prompts import (RATING_PREFIX, PrepareConfig, history_bounds, profile_prompts, prompt_context, signal_models,
                               read_examples, stars)
-from .train import (TrainConfig, check_out_dir, find_checkpoint, fit, load_examples, longest_example, make_trainer,
-                            run_fingerprint, save_outputs, tokenize_splits, training_arguments)
+from .train import TrainConfig, train
 
 log = get_logger(__name__)
 
@@ -176,7 +174,7 @@ def build_update_examples(ml: MovieLens, sr: pd.DataFrame, held: np.ndarray, cfg
     out = {}
     for split, idx in rows.items():
         t = r.iloc[idx]
-        s, h = _history_bounds(hist, t.user_id.to_numpy(), t.timestamp.to_numpy())
+        s, h = history_bounds(hist, t.user_id.to_numpy(), t.timestamp.to_numpy())
         fold = ctx.signal.fold_of(t.user_id.to_numpy()) if ctx.signal is not None and split == "train" else None
         prof = profile_prompts(ctx, hist, s, h, t.movie_idx.to_numpy(), t.timestamp.to_numpy(), user_ids=t.user_id.to_numpy(), fold=fold)
         out[split] = pd.DataFrame({"user_id": t.user_id.to_numpy(), "movie_id": t.movie_id.to_numpy(), "timestamp": t.timestamp.to_numpy(),
@@ -255,36 +253,8 @@ def parent_train_config(adapter_dir, cfg: UpdateConfig) -> TrainConfig:
 # %% ../nbs/14_update.ipynb #eb57b993
 def continue_training(parent_adapter, data_dir, out_dir, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     "Train the adapter in `parent_adapter` further on the examples in `data_dir` into `out_dir` (train's recipe, A's LoRA weights); `train.json`."
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-    parent_adapter = Path(parent_adapter)
-    meta_a = read_adapter_meta(parent_adapter)
-    cfg = cfg.replace(base_model=meta_a.get("base_model"))
-    device = rank_device(pick_device(cfg.device))
-    cfg = cfg.resolved(device)
-    out_dir = check_out_dir(out_dir, resume)
-    train_df, val_df = load_examples(data_dir, cfg)
-    model, tokenizer = load_base(cfg.base_model, device=device, load_in_4bit=cfg.load_in_4bit)
-    if (parent_adapter / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(parent_adapter)
-        if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
-    train_df, val_df = tokenize_splits(tokenizer, train_df, val_df, cfg.objective)
-    max_length = longest_example(model, train_df)
-    seed_everything(cfg.seed)
-    model = PeftModel.from_pretrained(model, parent_adapter, is_trainable=True)  # A's LoRA weights, trainable: the one change to the recipe
-    if cfg.gradient_checkpointing: model.enable_input_require_grads()
-    meta = {**run_fingerprint(cfg, tokenizer, train_df), "parent": str(parent_adapter.resolve())}
-    args = training_arguments(cfg, out_dir, device, val_df is not None, 1, progress)
-    ckpt = find_checkpoint(out_dir / "checkpoints", meta, model) if resume else None
-    trainer = make_trainer(model, tokenizer, args, cfg, train_df, val_df, meta)
-    stats = fit(trainer, ckpt)
-    summary = {"base_model": meta["base_model"], "device": device, "world_size": 1, "bf16": args.bf16, "objective": cfg.objective,
-               "n_train": len(train_df), "n_val": 0 if val_df is None else len(val_df), "max_length": max_length, **stats,
-               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "lora": meta_a.get("lora"), "config": cfg.model_dump(mode="json"), "parent": meta["parent"]}
-    save_outputs(trainer, tokenizer, out_dir, cfg, summary, data_dir)
-    write_json(out_dir / MOVIEREC_JSON, {**json.loads((out_dir / MOVIEREC_JSON).read_text()), "parent": meta["parent"]})
-    return summary
+    base = read_adapter_meta(parent_adapter).get("base_model")  # A's base model, whatever the knobs say: its LoRA weights fit only that one
+    return train(data_dir, out_dir, cfg.replace(base_model=base, nproc=1), resume=resume, progress=progress, parent_adapter=parent_adapter)
 
 # %% ../nbs/14_update.ipynb #d30cbf78
 UPDATE_JSON = "update.json"

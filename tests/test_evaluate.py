@@ -208,11 +208,11 @@ def test_evaluate_zero_shot_smollm2_and_a_served_model(smollm2, prepared, tmp_pa
 def test_evaluate_with_an_adapter_scores_lora_and_its_base(prepared, tmp_path):
     "An adapter: `lora` with it, `zero_shot` the same base with it switched off (tiny Llama, seconds)."
     from peft import LoraConfig, get_peft_model
-    from movierec.model import TINY, load_adapter, load_base, smollm2_tokenizer, tiny_llama
+    from movierec.model import TINY, load_adapter, load_base, quiet_peft, smollm2_tokenizer, tiny_llama
     from movierec.prompts import load_prepared
     tok = smollm2_tokenizer()
     torch.manual_seed(0)
-    peft = get_peft_model(tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft = quiet_peft(get_peft_model, tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter = tmp_path / "adapter"
     peft.save_pretrained(adapter)
     (adapter / MOVIEREC_JSON).write_text(json.dumps({"base_model": TINY}))

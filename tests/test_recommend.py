@@ -140,6 +140,15 @@ def test_rerank_permutes_only_the_top_n():
     assert rerank(ranking, pd.Series(dtype=float), 0).tolist() == ranking.tolist()
 
 
+def test_fused_reranking_by_hand():
+    "Reciprocal-rank fusion (k = 60) of the retriever's order and the model's, worked out by hand."
+    ranking = np.array([10, 11, 12, 13])
+    score = pd.Series({10: 0.2, 11: 0.1, 12: 0.9})  # the model's order: 12, 10, 11
+    # 10: 1/61 + 1/62 = 0.032522; 11: 1/62 + 1/63 = 0.032002; 12: 1/63 + 1/61 = 0.032266
+    assert rerank(ranking, score, 3, fuse=True).tolist() == [10, 12, 11, 13]
+    assert rerank(ranking, score, 3).tolist() == [12, 10, 11, 13]
+
+
 def test_an_oracle_reranker_lifts_ndcg_and_keeps_each_list_a_ranking(ml100k_prepared):
     "Re-ranking by an oracle (1 for a liked test movie) raises NDCG@10 above the retriever's, and each list is the same movies."
     ml, ratings, _ = prepared_dataset(ml100k_prepared)
@@ -150,7 +159,7 @@ def test_an_oracle_reranker_lifts_ndcg_and_keeps_each_list_a_ranking(ml100k_prep
     oracle = lambda u, cands: pd.DataFrame({"pred": [float(m in liked[u]) for m in cands],
                                             "p_liked": [float(m in liked[u]) for m in cands]}, index=cands)
     rankings, seconds = _rankings(cfg, fitted, w, w.rows(users), w.user_index(users), users, "oracle", oracle, progress=False)
-    assert set(rankings) == {"itemknn", "itemknn+oracle", "itemknn+oracle_liked"} and seconds["candidates"] == 5 * 50
+    assert set(rankings) == {"itemknn", "itemknn+oracle", "itemknn+oracle_liked", "itemknn+oracle_fused"} and seconds["candidates"] == 5 * 50
     for u in users:
         base, top = rankings["itemknn"][u], rankings["itemknn+oracle"][u]
         assert set(base[:50]) == set(top[:50]) and list(base[50:]) == list(top[50:]) and len(base) == len(top)
@@ -165,14 +174,14 @@ def test_ranking_metrics_with_a_model_gives_every_table(ml100k_prepared):
     cfg = RecommendConfig(ranking_users=12, rerank_n=8, sampled_users=3, ranking_negatives=9, cold_start_users=3, seed=0)
     rk = ranking_metrics(cfg, ml100k_prepared, tiny_llama(tok), tok, name="lm", progress=False, resamples=200)
     full = [r["model"] for r in rk["models"]]
-    assert full == ["popularity", "itemknn", "als", "bpr", "itemknn+lm", "itemknn+lm_liked"]
-    assert [r["model"] for r in rk["cold_start"]["models"]] == ["popularity", "itemknn", "als", "itemknn+lm", "itemknn+lm_liked"]
+    assert full == ["popularity", "itemknn", "als", "bpr", "itemknn+lm", "itemknn+lm_liked", "itemknn+lm_fused"]
+    assert [r["model"] for r in rk["cold_start"]["models"]] == ["popularity", "itemknn", "als", "itemknn+lm", "itemknn+lm_liked", "itemknn+lm_fused"]
     assert {r["model"] for r in rk["sampled"]["models"]} == {"popularity", "itemknn", "als", "bpr", "lm", "lm_liked"}
     assert rk["seconds"]["candidates_per_user"] == 8 and rk["seconds"]["rerank_per_user"] > 0
     lm = {r["model"]: r for r in rk["models"]}["itemknn+lm"]
     assert set(lm["vs"]) == {"itemknn", "popularity"} and len(lm["vs"]["itemknn"]["ndcg@10"]["ci95"]) == 2
     per_user = rk["per_user"]
-    assert not per_user.duplicated(["model", "user_id"]).any() and len(per_user) == 12 * 6 + 3 * 6 + 3 * 5
+    assert not per_user.duplicated(["model", "user_id"]).any() and len(per_user) == 12 * 7 + 3 * 6 + 3 * 6
     assert {"sampled/lm", "cold_start/itemknn+lm"} <= set(per_user.model)
 
 
