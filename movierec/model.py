@@ -176,9 +176,12 @@ def read_adapter_meta(adapter_dir) -> dict:
 
 # %% ../nbs/03_model.ipynb #4026b447
 def quiet_peft(f, *args, **kwargs):
-    "`f(*args, **kwargs)` without the FutureWarning PEFT 0.x triggers by asking transformers 5 for a deprecated name (not the user's concern)."
+    """`f(*args, **kwargs)` without two PEFT warnings that are not the user's concern: the FutureWarning PEFT 0.x triggers by asking
+    transformers 5 for a deprecated name, and, at each save, that a base model read from a GGUF file has no config.json to check its
+    vocabulary against (LoRA here never resizes the embeddings)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
         return f(*args, **kwargs)
 
 def apply_adapter(model, adapter_dir, trainable: bool = False):

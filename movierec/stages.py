@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ log = get_logger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'StageResult', 'Prepared', 'Trained', 'Deployed', 'Evaluated', 'load_run', 'use_device', 'prepare_stage',
-           'train_stage', 'parity_prompts', 'deploy_stage', 'evaluate_stage', 'recommend_for']
+           'train_stage', 'parity_prompts', 'deploy_stage', 'measured_params', 'evaluate_stage', 'recommend_for']
 
 # %% ../nbs/10_stages.ipynb #4f7d9a96
 class StageResult(BaseModel):
@@ -121,14 +122,27 @@ def _classic_models(p: Params, data_dir: Path) -> dict:
         if set(CLASSIC_NAMES) <= set(models): return {n: models[n] for n in CLASSIC_NAMES}
     return fit_classic(read_examples(data_dir, "ratings", columns=["user_id", "movie_id", "rating", "split"]), seed=p.evaluate.seed)
 
+def measured_params(p: Params, data_dir: str | Path, adapter_dir: str | Path | None = None) -> Params:
+    "`p` with the prepare knobs `data_dir` was written with (data.json) and the train knobs `adapter_dir` was trained with: what was measured."
+    meta = Path(data_dir) / "data.json"
+    prep = json.loads(meta.read_text()).get("params", {}) if meta.exists() else {}
+    args = Path(adapter_dir) / "training_args.json" if adapter_dir is not None else None
+    tr = json.loads(args.read_text()).get("train_config", {}) if args is not None and args.exists() else {}
+    pick = lambda knobs, cfg: {k: v for k, v in knobs.items() if k in type(cfg).model_fields}
+    return p.model_copy(update={"prepare": p.prepare.replace(**pick(prep, p.prepare)), "train": p.train.replace(**pick(tr, p.train))})
+
 def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter_dir: str | Path | None = None) -> Evaluated:
-    "Score the same test ratings with every model, rank for sampled users, and write metrics.json to `out_dir`."
+    """Score the same test ratings with every model, rank for sampled users, and write metrics.json to `out_dir`; a folder
+    without params.yaml (`movierec evaluate --out`) gets one with the knobs measured, so `movierec compare` can name what differs."""
     from movierec.model import load_adapter, load_base
     from movierec.recommend import ranking_metrics
     from movierec.score import LMPredictor
     from movierec.serve import ollama_client
     use_device(p.evaluate.device)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if not RunLayout(out_dir).params.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        measured_params(p, data_dir, adapter_dir).save(RunLayout(out_dir).params)
     classic = _classic_models(p, data_dir)
     predictors, ranking = list(classic.values()), None
     if adapter_dir is not None:

@@ -469,7 +469,7 @@ def fit(trainer, ckpt: Path | None = None) -> dict:
         log.info("resuming from %s", ckpt)
     if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    quiet_peft(trainer.train, resume_from_checkpoint=str(ckpt) if ckpt else None)  # checkpoints are saved inside
     wall = time.perf_counter() - t0
     train_s = max(wall - trainer.eval_seconds, 1e-9)  # speeds are over training time only
     # the adapter kept is the best by validation loss; evaluate only if no evaluation ran during training
@@ -546,7 +546,7 @@ def save_outputs(trainer, tokenizer, out_dir, cfg: TrainConfig, summary: dict, d
     if not trainer.is_world_process_zero(): return
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".save.") as tmp:
-        trainer.model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
+        quiet_peft(trainer.model.save_pretrained, tmp); tokenizer.save_pretrained(tmp)
         for f in Path(tmp).iterdir(): os.replace(f, out_dir / f.name)
     write_json(out_dir / MOVIEREC_JSON, {"base_model": summary["base_model"], "template": "chat" if getattr(tokenizer, "chat_template", None) else "plain",
                                          "rating_prefix": RATING_PREFIX, "objective": cfg.objective, "rating_token_ids": trainer.rating_ids,
