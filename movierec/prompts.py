@@ -32,7 +32,7 @@ log = get_logger(__name__)
 __all__ = ['log', 'RATING_PREFIX', 'TEMPLATES', 'DEFAULT_TEMPLATE', 'RESPONSE', 'REASONING', 'COLUMNS', 'KEY', 'ROWS_PER_CHUNK',
            'get_template', 'stars', 'PrepareConfig', 'PromptContext', 'prompt_context', 'signal_models',
            'profile_prompts', 'train_targets', 'history_bounds', 'fit_signal', 'iter_examples', 'build_examples',
-           'prompts_for_user', 'prepare', 'read_examples', 'load_prepared']
+           'prompts_for_user', 'prepare', 'read_examples', 'prepared_knobs', 'load_prepared']
 
 # %% ../nbs/02_prompts.ipynb #5972468c
 RATING_PREFIX = "Rating Prediction: "
@@ -561,6 +561,11 @@ def read_examples(data_dir, split: str, required: bool = True, columns: list[str
     return df.reset_index(drop=True)
 
 # %% ../nbs/02_prompts.ipynb #1b658fa3
+def prepared_knobs(data_dir) -> dict:
+    "The prepare knobs a data folder was written with (its data.json's `params`); {} when it has no data.json."
+    f = Path(data_dir) / "data.json"
+    return json.loads(f.read_text()).get("params", {}) if f.exists() else {}
+
 def load_prepared(out_dir) -> dict:
     "What `prepare` wrote: {'train', 'val', 'test', 'ratings', 'movies': DataFrames, 'meta': dict}."
     out = Path(out_dir)

@@ -5,7 +5,6 @@
 # %% ../nbs/12_recommend.ipynb #00d2b109
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +20,7 @@ from .data import MovieLens
 from .evaluate import paired_interval
 from .explain import reasons
 from .classic import CLASSIC_FILE, load_classic
-from .prompts import DEFAULT_TEMPLATE, load_prepared, prompt_context, prompts_for_user
+from .prompts import DEFAULT_TEMPLATE, load_prepared, prepared_knobs, prompt_context, prompts_for_user
 from .retrieve import RETRIEVERS, fit_retrievers, rank_unseen
 from .score import score_candidates
 
@@ -73,8 +72,7 @@ def prepared_dataset(data_dir: str | Path) -> tuple[MovieLens, pd.DataFrame, str
 # %% ../nbs/12_recommend.ipynb #c9a5c7ae
 def prompt_setting(data_dir: str | Path, ml: MovieLens, ratings: pd.DataFrame, template: str):
     "The `prompts.PromptContext` of `data_dir`'s prompts: its template, its `history` knob, its saved classic models if any."
-    # data.json only: load_prepared would read every split's examples again for one knob
-    history = json.loads((Path(data_dir) / "data.json").read_text()).get("params", {}).get("history", "train")
+    history = prepared_knobs(data_dir).get("history", "train")  # not load_prepared: it would read every split again for one knob
     classic = load_classic(data_dir) if (Path(data_dir) / CLASSIC_FILE).exists() else None
     return prompt_context(ml, ratings, template, history=history, classic=classic)
 

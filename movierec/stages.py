@@ -17,7 +17,7 @@ from .core import data_dir as assets_dir   # `data_dir` names a run's prepared d
 from .deploy import GGUF_FILES, deploy
 from .evaluate import evaluate
 from .params import Params
-from .prompts import prepare, read_examples
+from .prompts import prepare, prepared_knobs, read_examples
 from .train import train
 
 log = get_logger(__name__)
@@ -124,8 +124,7 @@ def _classic_models(p: Params, data_dir: Path) -> dict:
 
 def measured_params(p: Params, data_dir: str | Path, adapter_dir: str | Path | None = None) -> Params:
     "`p` with the prepare knobs `data_dir` was written with (data.json) and the train knobs `adapter_dir` was trained with: what was measured."
-    meta = Path(data_dir) / "data.json"
-    prep = json.loads(meta.read_text()).get("params", {}) if meta.exists() else {}
+    prep = prepared_knobs(data_dir)
     args = Path(adapter_dir) / "training_args.json" if adapter_dir is not None else None
     tr = json.loads(args.read_text()).get("train_config", {}) if args is not None and args.exists() else {}
     pick = lambda knobs, cfg: {k: v for k, v in knobs.items() if k in type(cfg).model_fields}

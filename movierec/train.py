@@ -236,12 +236,11 @@ def wrap_lora(model, cfg: TrainConfig, parent_adapter=None):
     if cfg.load_in_4bit: model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if parent_adapter is not None:  # `movierec update`: the parent run's LoRA weights, trainable, instead of fresh ones
         model = apply_adapter(model, parent_adapter, trainable=True)
-        if cfg.gradient_checkpointing: model.enable_input_require_grads()
-        return model
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets),
-                      bias="none", task_type="CAUSAL_LM")
-    try: model = quiet_peft(get_peft_model, model, lora)
-    except ValueError as e: raise MovierecError(f"LoRA target modules {list(cfg.lora_targets)} do not fit this model: {e}") from e
+    else:
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets),
+                          bias="none", task_type="CAUSAL_LM")
+        try: model = quiet_peft(get_peft_model, model, lora)
+        except ValueError as e: raise MovierecError(f"LoRA target modules {list(cfg.lora_targets)} do not fit this model: {e}") from e
     if cfg.gradient_checkpointing: model.enable_input_require_grads()
     return model
 
