@@ -132,7 +132,7 @@ def main(argv=None) -> int:
 
     # the data: ML-100K as `movierec data` prepares it
     data = out / "data"
-    prepare(PrepareConfig(dataset="ml-100k"), data)
+    prepare(PrepareConfig(dataset="ml-100k", **({"template": "compact"} if args.smoke else {})), data)  # --smoke: no classic fits to wait for
     base = "tiny-llama" if args.smoke else None   # None: SmolLM2-135M-Instruct, the default GGUF
     bs = 8 if args.smoke else args.batch_size
     common = dict(base_model=base, device=device, bf16="auto" if not args.smoke else False, seed=0)

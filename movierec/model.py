@@ -13,15 +13,15 @@ from pathlib import Path
 
 from .assets import base_model_path
 from .core import MOVIEREC_JSON, MovierecError, atomic_path, data_dir, get_logger, pick_device, use_bf16
-from .prompts import RATING_PREFIX
+from .prompts import ENJOY_ANSWERS, ENJOY_PREFIX, RATING_PREFIX
 
 log = get_logger(__name__)
 TINY = "tiny-llama"  # a base-model spec: `load_base(TINY)` gives `tiny_llama()` (seed 0) and SmolLM2's tokenizer
 
 # %% auto #0
-__all__ = ['log', 'TINY', 'resolve_base', 'load_tokenizer', 'smollm2_tokenizer', 'model_input', 'rating_token_ids', 'tiny_llama',
-           'rank_device', 'load_base', 'read_adapter_meta', 'quiet_peft', 'apply_adapter', 'adapter_tokenizer',
-           'load_adapter']
+__all__ = ['log', 'TINY', 'resolve_base', 'load_tokenizer', 'smollm2_tokenizer', 'model_input', 'answer_token_ids',
+           'rating_token_ids', 'enjoy_token_ids', 'tiny_llama', 'rank_device', 'load_base', 'read_adapter_meta',
+           'adapter_tasks', 'quiet_peft', 'apply_adapter', 'adapter_tokenizer', 'load_adapter']
 
 # %% ../nbs/03_model.ipynb #21ca0ded
 def resolve_base(base_model: str | os.PathLike | None = None) -> tuple[str, str | None]:
@@ -71,26 +71,34 @@ def smollm2_tokenizer():
     return load_tokenizer(None)
 
 # %% ../nbs/03_model.ipynb #5a3a1806
-def model_input(tokenizer, prompt: str) -> str:
-    "The exact text the model reads for `prompt`: chat template (user turn, generation prompt) + `RATING_PREFIX`."
+def model_input(tokenizer, prompt: str, prefix: str = RATING_PREFIX) -> str:
+    "The exact text the model reads for `prompt`: chat template (user turn, generation prompt) + the answer's `prefix` (the rating's)."
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = f"{prompt}\n\n"
-    return text + RATING_PREFIX
+    return text + prefix
 
 # %% ../nbs/03_model.ipynb #b6711654
-def rating_token_ids(tokenizer) -> list[int]:
-    "Token ids of the ratings \"1\"..\"5\" as the token right after `model_input(...)`."
-    base = tokenizer(model_input(tokenizer, "x"), add_special_tokens=False)["input_ids"]
+def answer_token_ids(tokenizer, answers, prefix: str) -> list[int]:
+    "Token ids of each of `answers` as the one token right after `model_input(..., prefix)`."
+    base = tokenizer(model_input(tokenizer, "x", prefix), add_special_tokens=False)["input_ids"]
     out = []
-    for d in "12345":
-        ids = tokenizer(model_input(tokenizer, "x") + d, add_special_tokens=False)["input_ids"]
+    for a in answers:
+        ids = tokenizer(model_input(tokenizer, "x", prefix) + a, add_special_tokens=False)["input_ids"]
         if ids[:len(base)] != base or len(ids) != len(base) + 1:
-            raise MovierecError(f"This tokenizer does not read the rating {d!r} as one token after {RATING_PREFIX!r} "
-                                f"(got {ids[len(base) - 1:]}); movierec needs a tokenizer that keeps single digits whole.")
+            raise MovierecError(f"This tokenizer does not read the answer {a!r} as one token after {prefix!r} "
+                                f"(got {ids[len(base) - 1:]}); movierec needs a tokenizer that keeps single digits (and ' Yes', ' No') whole.")
         out.append(ids[-1])
     return out
+
+def rating_token_ids(tokenizer) -> list[int]:
+    "Token ids of the ratings \"1\"..\"5\" as the token right after `model_input(...)`."
+    return answer_token_ids(tokenizer, "12345", RATING_PREFIX)
+
+def enjoy_token_ids(tokenizer) -> list[int]:
+    "Token ids of the second task's answers \" No\", \" Yes\" right after `model_input(..., ENJOY_PREFIX)`."
+    return answer_token_ids(tokenizer, ENJOY_ANSWERS, ENJOY_PREFIX)
 
 # %% ../nbs/03_model.ipynb #34c62723
 def tiny_llama(tokenizer=None, seed: int = 0, **config_overrides):
@@ -173,6 +181,10 @@ def read_adapter_meta(adapter_dir) -> dict:
         raise MovierecError(f"{f} is missing, so the base model of this adapter is unknown; retrain it with `movierec train`.")
     try: return json.loads(f.read_text())
     except ValueError as e: raise MovierecError(f"{f} is not valid JSON ({e}); retrain or restore it.") from e
+
+def adapter_tasks(adapter_dir) -> list[str]:
+    "The tasks an adapter was trained on: [\"rating\"], or [\"rating\", \"enjoy\"] with the second task (older adapters: rating)."
+    return read_adapter_meta(adapter_dir).get("tasks", ["rating"])
 
 # %% ../nbs/03_model.ipynb #4026b447
 def quiet_peft(f, *args, **kwargs):

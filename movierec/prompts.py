@@ -29,13 +29,18 @@ from .data import SPLIT_KINDS, SPLITS, MovieLens, load_movielens, split_by_time
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RATING_PREFIX', 'TEMPLATES', 'DEFAULT_TEMPLATE', 'RESPONSE', 'REASONING', 'COLUMNS', 'KEY', 'ROWS_PER_CHUNK',
-           'get_template', 'stars', 'PrepareConfig', 'PromptContext', 'prompt_context', 'signal_models',
-           'profile_prompts', 'train_targets', 'history_bounds', 'fit_signal', 'iter_examples', 'build_examples',
-           'prompts_for_user', 'prepare', 'read_examples', 'prepared_knobs', 'load_prepared']
+__all__ = ['log', 'RATING_PREFIX', 'ENJOY_PREFIX', 'ENJOY_ANSWERS', 'ENJOY_SPLIT', 'TEMPLATES', 'DEFAULT_TEMPLATE', 'RESPONSE',
+           'REASONING', 'COLUMNS', 'KEY', 'ROWS_PER_CHUNK', 'get_template', 'stars', 'PrepareConfig', 'PromptContext',
+           'prompt_context', 'signal_models', 'profile_prompts', 'train_targets', 'history_bounds', 'fit_signal',
+           'iter_examples', 'build_examples', 'prompts_for_user', 'prepare', 'read_examples', 'prepared_knobs',
+           'load_prepared']
 
 # %% ../nbs/02_prompts.ipynb #5972468c
 RATING_PREFIX = "Rating Prediction: "
+# the second task's answer prefix (issue 14): the same prompt, then " Yes" or " No" (one token each)
+ENJOY_PREFIX = "Would the user enjoy it?"
+ENJOY_ANSWERS = (" No", " Yes")
+ENJOY_SPLIT = "train_enjoy"  # prepare's file of the second task's training examples
 
 TEMPLATES = {
     "seed": {
@@ -121,6 +126,8 @@ class PrepareConfig(Knobs):
     history: Literal["train", "before"] = knob("train", "a profile reads the user's training ratings before the target (train: what the "
                                                "classic models see) or every rating before it (before: val/test ratings too)")
     folds: int = knob(5, "folds of users for the out-of-fold estimates in training prompts (hybrid template)", ge=2)
+    enjoy_negatives: int = knob(0, "the second task (Would the user enjoy it? Yes/No) into train_enjoy.parquet: the training targets (Yes "
+                                "when rated 4 or more) plus this many unseen movies per liked target (No), drawn by popularity; 0: none", ge=0)
     seed: int = seed_knob()
 
     @field_validator("template")
@@ -413,6 +420,43 @@ def history_bounds(hist: pd.DataFrame, user, ts) -> tuple[np.ndarray, np.ndarray
     return np.searchsorted(key, code * span, "left"), np.searchsorted(key, code * span + (np.asarray(ts, np.int64) - t0), "left")
 
 # %% ../nbs/02_prompts.ipynb #9c226eb6
+def _unseen_draws(ctx: PromptContext, r: pd.DataFrame, users: np.ndarray, k: int, seed: int) -> np.ndarray:
+    "`k` movie indices per entry of `users`, drawn by training popularity among the movies that user has no training rating of."
+    counts = np.diff(np.searchsorted(ctx.train_key, np.arange(len(ctx.movie_ids) + 1) * ctx.span)).astype(np.float64)
+    p = counts / counts.sum()
+    tr = r[r.split == "train"]
+    rated = tr.groupby("user_id").movie_idx.agg(lambda x: set(x.tolist())).to_dict()
+    rng = np.random.default_rng([seed, int(users.min(initial=0))])
+    out = np.empty((len(users), k), np.int64)
+    for i, u in enumerate(users.tolist()):
+        seen, got = rated.get(u, set()), []
+        for _ in range(20):  # rejection: a user has rated a small share of the catalogue, so a few rounds suffice
+            got += [m for m in dict.fromkeys(rng.choice(len(p), size=4 * k, p=p).tolist()) if m not in seen and m not in got]
+            if len(got) >= k: break
+        else:  # a user who rated (nearly) every popular movie: any unseen ones, in catalogue order
+            got += [m for m in range(len(p)) if m not in seen and m not in got]
+            if len(got) < k: raise MovierecError(f"user {u} has rated every movie but {len(got)}; lower enjoy_negatives below {k}.")
+        out[i] = got[:k]
+    return out
+
+def _enjoy_examples(ctx: PromptContext, r: pd.DataFrame, hist: pd.DataFrame, cfg: PrepareConfig, targets: pd.DataFrame, s, h, fold) -> pd.DataFrame:
+    "The second task's examples (`COLUMNS`; `rating` NaN for an unseen movie) from a chunk's training targets and their history bounds."
+    liked = np.flatnonzero(targets.rating.to_numpy() >= 4)
+    k = cfg.enjoy_negatives
+    rows = np.repeat(liked, k)  # each draw borrows its liked target's user, time, history and fold
+    users = targets.user_id.to_numpy()[rows]
+    movie_idx = _unseen_draws(ctx, r, targets.user_id.to_numpy()[liked], k, cfg.seed).reshape(-1)
+    prof = profile_prompts(ctx, hist, s[rows], h[rows], movie_idx, targets.timestamp.to_numpy()[rows], user_ids=users,
+                           fold=None if fold is None else fold[rows])
+    unseen = pd.DataFrame({"user_id": users, "movie_id": ctx.movie_ids[movie_idx], "timestamp": targets.timestamp.to_numpy()[rows],
+                           "rating": np.nan, "history_len": prof.history_len.to_numpy(), "prompt": prof.prompt,
+                           "user_mean": prof.user_mean, "movie_mean": prof.movie_mean, "movie_count": prof.movie_count})
+    watched = targets[[c for c in COLUMNS if c != "response"]]
+    yes = np.r_[watched.rating.to_numpy() >= 4, np.zeros(len(unseen), bool)]
+    out = pd.concat([watched, unseen], ignore_index=True)
+    return out.assign(response=np.where(yes, ENJOY_PREFIX + ENJOY_ANSWERS[1], ENJOY_PREFIX + ENJOY_ANSWERS[0]))[COLUMNS]
+
+# %% ../nbs/02_prompts.ipynb #62005953
 def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, splits, reasoning: bool) -> dict:
     "Examples (`COLUMNS`) for one chunk of whole users; `r` sorted by (user, time, movie) with `split` and `movie_idx`."
     user, ts, split = r.user_id.to_numpy(), r.timestamp.to_numpy(), r.split.to_numpy()
@@ -433,7 +477,12 @@ def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, spl
                        "movie_mean": prof.movie_mean, "movie_count": prof.movie_count,
                        **{c: prof[c].to_numpy() for c in prof.columns if c.startswith("est_")}})
     ends = np.cumsum([len(p) for p in parts])
-    return {name: df.iloc[e - len(p):e].reset_index(drop=True) for name, p, e in zip(splits, parts, ends)}
+    out = {name: df.iloc[e - len(p):e].reset_index(drop=True) for name, p, e in zip(splits, parts, ends)}
+    if cfg.enjoy_negatives and "train" in splits:
+        at = np.flatnonzero(np.isin(cand, parts[list(splits).index("train")]))  # the training targets' rows of `df`
+        out[ENJOY_SPLIT] = _enjoy_examples(ctx, r, hist, cfg, df.iloc[at].reset_index(drop=True), s[at], h[at],
+                                           None if fold is None else fold[at])
+    return out
 
 # %% ../nbs/02_prompts.ipynb #e2195ca5
 def fit_signal(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, names) -> OutOfFold:
@@ -467,7 +516,8 @@ def build_examples(ml: MovieLens, split_ratings: pd.DataFrame, cfg: PrepareConfi
                    reasoning: bool = False, **kw) -> dict[str, pd.DataFrame]:
     "Instruction examples per split (`COLUMNS`: user_id, movie_id, timestamp, rating, history_len, prompt, response, ...)."
     parts = list(iter_examples(ml, split_ratings, cfg, splits, reasoning, **kw))
-    return {name: pd.concat([p[name] for p in parts], ignore_index=True) for name in splits}
+    names = dict.fromkeys([*splits, *(k for p in parts for k in p)])  # the splits, and train_enjoy when asked for
+    return {name: pd.concat([p[name] for p in parts], ignore_index=True) for name in names}
 
 # %% ../nbs/02_prompts.ipynb #af85dd13
 def prompts_for_user(ml: MovieLens, split_ratings: pd.DataFrame, user_id, movie_ids, template: str | dict = DEFAULT_TEMPLATE,
@@ -501,11 +551,11 @@ def _length_stats(lengths: list[np.ndarray]) -> dict:
     return {"mean": round(float(x.mean()), 1), "p50": int(np.percentile(x, 50)), "p95": int(np.percentile(x, 95)), "max": int(x.max())}
 
 # %% ../nbs/02_prompts.ipynb #6b744b9c
-def _write_examples(parts, out: Path) -> tuple[dict, dict]:
-    "Write chunks (dicts split -> examples) to `out/{split}.parquet`; the examples' counts and prompt lengths in bytes."
-    counts, prompt_bytes = {k: 0 for k in SPLITS}, {k: [] for k in SPLITS}
+def _write_examples(parts, out: Path, names=SPLITS) -> tuple[dict, dict]:
+    "Write chunks (dicts split -> examples) to `out/{split}.parquet` for each of `names`; the examples' counts and prompt lengths in bytes."
+    counts, prompt_bytes = {k: 0 for k in names}, {k: [] for k in names}
     with contextlib.ExitStack() as stack:
-        tmps = {k: stack.enter_context(atomic_path(out / f"{k}.parquet")) for k in SPLITS}
+        tmps = {k: stack.enter_context(atomic_path(out / f"{k}.parquet")) for k in names}
         writers = {}
         for part in parts:
             for k, df in part.items():
@@ -514,7 +564,7 @@ def _write_examples(parts, out: Path) -> tuple[dict, dict]:
                 writers[k].write_table(table)
                 counts[k] += len(df)
                 prompt_bytes[k].append(pc.binary_length(table.column("prompt")).to_numpy())  # UTF-8 bytes
-        for k in SPLITS:
+        for k in names:
             if k not in writers:  # no examples at all: an empty file with the right columns
                 pq.write_table(pa.Table.from_pandas(pd.DataFrame({c: [] for c in COLUMNS}), preserve_index=False), tmps[k])
     return counts, prompt_bytes
@@ -529,7 +579,8 @@ def prepare(cfg: PrepareConfig | None, out_dir, ml: MovieLens | None = None, rea
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     sr = split_by_time(ml.ratings, val_frac=cfg.val_frac, test_frac=cfg.test_frac, min_ratings=cfg.min_ratings, split=cfg.split)
     ctx = prompt_context(ml, sr, cfg.template, cfg.history)
-    counts, prompt_bytes = _write_examples(iter_examples(ml, sr, cfg, SPLITS, reasoning, rows_per_chunk, ctx=ctx), out)
+    names = (*SPLITS, ENJOY_SPLIT) if cfg.enjoy_negatives else SPLITS
+    counts, prompt_bytes = _write_examples(iter_examples(ml, sr, cfg, SPLITS, reasoning, rows_per_chunk, ctx=ctx), out, names)
     classic = None
     if ctx.signal is not None:  # every classic model, fitted on all training ratings, saved for the later stages to reuse
         models = {**fit_classic(sr, cfg.seed, [n for n in CLASSIC_NAMES if n not in ctx.signal.full]), **ctx.signal.full}

@@ -39,8 +39,9 @@ class RecommendConfig(Knobs):
     top_k: int = knob(10, "how many movies to recommend", ge=1)
     retriever: Retriever = knob("itemknn", "the first stage of `recommend`: " + ", ".join(RETRIEVERS) + " (a new user: not bpr)")
     rerank_n: int = knob(50, "the retriever's top N that the language model re-ranks; 0: keep the retriever's order", ge=0)
-    rerank_by: Literal["expected", "liked", "fused"] = knob("expected", "the language model's ranking score: expected rating, liked = "
-                                                          "P(rating >= 4), or fused = liked's order and the retriever's, reciprocal-rank fused")
+    rerank_by: Literal["expected", "liked", "fused", "enjoy"] = knob(
+        "expected", "the language model's ranking score: expected rating, liked = P(rating >= 4), fused = liked's order and the "
+        "retriever's, reciprocal-rank fused, or enjoy = P(Yes) of the second task (an adapter trained with enjoy_examples)")
     reasons: int = knob(3, "similar movies the user liked named per recommendation", ge=0)
     neighbours: int = knob(100, "itemknn: neighbours kept per movie", ge=1)
     factors: int = knob(64, "als and bpr: latent factors", ge=1)
@@ -101,13 +102,14 @@ def with_liked_user(ratings: pd.DataFrame, movie_ids: list[int]) -> tuple[pd.Dat
     return pd.concat([ratings, new.astype(ratings.dtypes.to_dict())], ignore_index=True), uid
 
 # %% ../nbs/12_recommend.ipynb #6b9d1bb8
-LM_SCORES = {"expected": "pred", "liked": "p_liked", "fused": "p_liked"}  # the score each rerank_by orders by
+LM_SCORES = {"expected": "pred", "liked": "p_liked", "fused": "p_liked", "enjoy": "p_enjoy"}  # the score each rerank_by orders by
 
 def lm_scores(model, tokenizer, ml: MovieLens, ratings: pd.DataFrame, user_id: int, movie_ids, template: str,
-              at_time=None, ctx=None, batch_size: int = 16) -> pd.DataFrame:
-    "The model's pred, argmax, p1..p5 and p_liked (P(rating >= 4)) for `user_id` and each of `movie_ids`."
+              at_time=None, ctx=None, batch_size: int = 16, enjoy: bool = False) -> pd.DataFrame:
+    "The model's pred, argmax, p1..p5 and p_liked (P(rating >= 4)) for `user_id` and each of `movie_ids`; with `enjoy`, p_enjoy too."
     prompts = prompts_for_user(ml, ratings, user_id, movie_ids, template=template, at_time=at_time, ctx=ctx)
     out = score_candidates(model, tokenizer, prompts, batch_size=batch_size)
+    if enjoy: out["p_enjoy"] = score_candidates(model, tokenizer, prompts, batch_size=batch_size, task="enjoy").p_enjoy.to_numpy()
     return out.assign(p_liked=out.p4 + out.p5, movie_id=np.asarray(movie_ids, dtype=np.int64)).set_index("movie_id")
 
 # %% ../nbs/12_recommend.ipynb #9b44ff07
@@ -163,7 +165,8 @@ def recommend(cfg: RecommendConfig, data_dir: str | Path, model=None, tokenizer=
     if model is not None and cfg.rerank_n:
         head = recs.movie_id.to_numpy()[:cfg.rerank_n]
         ctx = prompt_setting(data_dir, ml, ratings, template)
-        lm = lm_scores(model, tokenizer, ml, ratings, user_id, head, template, at_time=at_time, ctx=ctx, batch_size=batch_size)
+        lm = lm_scores(model, tokenizer, ml, ratings, user_id, head, template, at_time=at_time, ctx=ctx, batch_size=batch_size,
+                       enjoy=cfg.rerank_by == "enjoy")
         recs = recs.join(lm, on="movie_id")
         order = rerank(recs.movie_id.to_numpy(), lm[LM_SCORES[cfg.rerank_by]], cfg.rerank_n, fuse=cfg.rerank_by == "fused")
         recs = recs.set_index("movie_id").loc[order].reset_index()
@@ -231,14 +234,17 @@ def _retrieve_all(fitted: dict, w, rows, index) -> dict:
         out[name] = [w.movie_ids[c[c >= 0]] for c in cols]
     return out
 
-def _rankings(cfg: RecommendConfig, fitted: dict, w, rows, index, users, name, lm_score_fn, progress: bool) -> tuple[dict, dict]:
-    "{model: {user_id: ranking}} for the retrievers and their re-ranked lists; and the seconds spent."
+def _rankings(cfg: RecommendConfig, fitted: dict, w, rows, index, users, name, lm_score_fn, progress: bool,
+              enjoy: bool = False) -> tuple[dict, dict]:
+    "{model: {user_id: ranking}} for the retrievers and their re-ranked lists (with `enjoy`, by P(Yes) too); and the seconds spent."
     t0 = time.perf_counter()
     base = _retrieve_all(fitted, w, rows, index)
     seconds = {"retrieve": time.perf_counter() - t0, "rerank": 0.0, "candidates": 0}
     out = {r: dict(zip(users.tolist(), lists)) for r, lists in base.items() if r in cfg.retrievers or r in cfg.rerank_retrievers}
     reranked = [r for r in cfg.rerank_retrievers if r in base] if lm_score_fn and cfg.rerank_n else []
     for r in reranked: out[f"{r}+{name}"], out[f"{r}+{name}_liked"], out[f"{r}+{name}_fused"] = {}, {}, {}
+    if reranked and enjoy:
+        for r in reranked: out[f"{r}+{name}_enjoy"] = {}
     it = list(enumerate(users.tolist()))
     if reranked and progress: it = progress_bar(it, desc="re-ranking")  # log lines under `movierec run`
     for i, u in it if reranked else []:
@@ -250,6 +256,7 @@ def _rankings(cfg: RecommendConfig, fitted: dict, w, rows, index, users, name, l
             out[f"{r}+{name}"][u] = rerank(base[r][i], lm.pred, cfg.rerank_n)
             out[f"{r}+{name}_liked"][u] = rerank(base[r][i], lm.p_liked, cfg.rerank_n)
             out[f"{r}+{name}_fused"][u] = rerank(base[r][i], lm.p_liked, cfg.rerank_n, fuse=True)
+            if enjoy: out[f"{r}+{name}_enjoy"][u] = rerank(base[r][i], lm.p_enjoy, cfg.rerank_n)
     return out, seconds
 
 # %% ../nbs/12_recommend.ipynb #598d9637
@@ -267,6 +274,7 @@ def _sampled_rankings(cfg, fitted, w, ratings, users, index, rows, lm_score_fn, 
         if lm_score_fn:
             lm = lm_score_fn(u, cands).reindex(cands)
             scores[name], scores[f"{name}_liked"] = lm.pred.to_numpy(), lm.p_liked.to_numpy()
+            if "p_enjoy" in lm: scores[f"{name}_enjoy"] = lm.p_enjoy.to_numpy()
         for m, f in (classic or {}).items(): scores[m] = f.predict_pairs(np.full(len(cands), u), cands)
         for m, s in scores.items(): out.setdefault(m, {})[u] = cands[np.argsort(-np.asarray(s, float), kind="stable")]
     return out, relevant
@@ -281,7 +289,8 @@ def _cold_start_ratings(ratings: pd.DataFrame, users, keep: int) -> pd.DataFrame
 # %% ../nbs/12_recommend.ipynb #204c5fb1
 COLD_START_FOLD = 50   # cold-start users left out of one refit of the retrievers
 
-def _cold_start_rankings(cfg, data_dir, ml, ratings, template, users, names, starts, model, tokenizer, name, batch_size, progress) -> dict:
+def _cold_start_rankings(cfg, data_dir, ml, ratings, template, users, names, starts, model, tokenizer, name, batch_size, progress,
+                         enjoy: bool = False) -> dict:
     "{model: {user_id: ranking}} for `users` cut to their first ratings, refitting the new-user retrievers once per fold of users."
     out = {}
     for i in range(0, len(users), COLD_START_FOLD):
@@ -291,16 +300,18 @@ def _cold_start_rankings(cfg, data_dir, ml, ratings, template, users, names, sta
         rows = w.new_rows([hist.movie_id[hist.user_id == u].to_numpy() for u in fold.tolist()])
         cold = _cold_start_ratings(ratings, fold, cfg.cold_start_ratings)
         # classic models quoted by a hybrid prompt are the data folder's: fitted with these users' later training ratings too
-        lm = _lm_fn(model, tokenizer, ml, cold, template, starts, batch_size, prompt_setting(data_dir, ml, cold, template) if model else None)
+        lm = _lm_fn(model, tokenizer, ml, cold, template, starts, batch_size, prompt_setting(data_dir, ml, cold, template) if model else None,
+                    enjoy)
         ccfg = cfg.replace(retrievers=[r for r in cfg.retrievers if r in names], rerank_retrievers=[r for r in cfg.rerank_retrievers if r in names])
-        for m, r in _rankings(ccfg, fitted, w, rows, None, fold, name, lm, progress)[0].items(): out.setdefault(m, {}).update(r)
+        for m, r in _rankings(ccfg, fitted, w, rows, None, fold, name, lm, progress, enjoy)[0].items(): out.setdefault(m, {}).update(r)
     return out
 
 # %% ../nbs/12_recommend.ipynb #f897bed5
-def _lm_fn(model, tokenizer, ml, ratings, template, starts, batch_size, ctx):
+def _lm_fn(model, tokenizer, ml, ratings, template, starts, batch_size, ctx, enjoy: bool = False):
     "A function (user_id, movie ids) -> the model's scores at the start of the user's test period, prompts built with `ctx`."
     if model is None: return None
-    return lambda u, cands: lm_scores(model, tokenizer, ml, ratings, u, cands, template, at_time=starts[u], ctx=ctx, batch_size=batch_size)
+    return lambda u, cands: lm_scores(model, tokenizer, ml, ratings, u, cands, template, at_time=starts[u], ctx=ctx, batch_size=batch_size,
+                                      enjoy=enjoy)
 
 def _table(rankings: dict, relevant: dict, catalogue: int, resamples: int, seed: int, prefix: str = "") -> tuple[list, pd.DataFrame]:
     per_user = pd.concat([per_user_metrics(r, relevant).assign(model=m) for m, r in rankings.items()], ignore_index=True)
@@ -309,8 +320,9 @@ def _table(rankings: dict, relevant: dict, catalogue: int, resamples: int, seed:
 
 # %% ../nbs/12_recommend.ipynb #b2f56aee
 def ranking_metrics(cfg: RecommendConfig, data_dir: str | Path, model=None, tokenizer=None, classic: dict | None = None,
-                    name: str = "lora", resamples: int = 2000, batch_size: int = 16, progress: bool = True) -> dict:
-    "Full-catalogue, sampled (1 + negatives; `classic` rating predictors too) and cold-start ranking tables of the retrievers and the model's re-ranking, with intervals."
+                    name: str = "lora", resamples: int = 2000, batch_size: int = 16, progress: bool = True, enjoy: bool = False) -> dict:
+    """Full-catalogue, sampled (1 + negatives; `classic` rating predictors too) and cold-start ranking tables of the retrievers and the
+    model's re-ranking, with intervals; `enjoy` (an adapter trained on the second task) adds the lists re-ranked by its P(Yes)."""
     ml, ratings, template = prepared_dataset(data_dir)
     users = evaluation_users(ratings, cfg.ranking_users, cfg.seed)
     if not len(users): raise MovierecError(f"No user of {data_dir} has a test rating of 4 or more; the ranking metrics need some.")
@@ -323,8 +335,9 @@ def ranking_metrics(cfg: RecommendConfig, data_dir: str | Path, model=None, toke
     w, fitted = fit_retrievers(_history(ratings, True), ml.movies.movie_id, names, cfg.neighbours, cfg.factors, cfg.seed)
     fit_seconds = time.perf_counter() - t0
     rows, index = w.rows(users), w.user_index(users)
-    lm = _lm_fn(model, tokenizer, ml, ratings, template, starts, batch_size, prompt_setting(data_dir, ml, ratings, template) if model else None)
-    rankings, seconds = _rankings(cfg, fitted, w, rows, index, users, name, lm, progress)
+    lm = _lm_fn(model, tokenizer, ml, ratings, template, starts, batch_size, prompt_setting(data_dir, ml, ratings, template) if model else None,
+                enjoy)
+    rankings, seconds = _rankings(cfg, fitted, w, rows, index, users, name, lm, progress, enjoy)
     full, per_user = _table(rankings, relevant, catalogue, resamples, cfg.seed)
     out = {"protocol": "each user's liked test movies (rating >= 4) ranked among every movie they had not rated before their test period",
            "users": len(users), "relevant_per_user": float(np.mean([len(v) for v in relevant.values()])),
@@ -343,7 +356,7 @@ def ranking_metrics(cfg: RecommendConfig, data_dir: str | Path, model=None, toke
     if cfg.cold_start_users:
         cu = users[:cfg.cold_start_users]
         new = [r for r in names if fitted[r].new_users]
-        cr = _cold_start_rankings(cfg, data_dir, ml, ratings, template, cu, new, starts, model, tokenizer, name, batch_size, progress)
+        cr = _cold_start_rankings(cfg, data_dir, ml, ratings, template, cu, new, starts, model, tokenizer, name, batch_size, progress, enjoy)
         table, pu = _table(cr, {u: relevant[u] for u in cu.tolist()}, catalogue, resamples, cfg.seed, "cold_start/")
         out["cold_start"] = {"protocol": f"the first users again, knowing only their first {cfg.cold_start_ratings} ratings (folded in as new users, "
                                          f"the retrievers refitted without them, {COLD_START_FOLD} users at a time)",

@@ -16,7 +16,8 @@ from scipy.special import softmax
 
 from .core import MovierecError, use_bf16
 from .core import progress as progress_bar
-from .model import model_input, rating_token_ids
+from .model import enjoy_token_ids, model_input, rating_token_ids
+from .prompts import ENJOY_PREFIX, RATING_PREFIX
 
 # %% auto #0
 __all__ = ['RATING_TOKENS', 'RATING_VALUES', 'rating_distribution', 'expected_rating', 'distribution_from_top_logprobs',
@@ -53,9 +54,9 @@ def distribution_from_top_logprobs(top_logprobs: Sequence) -> np.ndarray:
     return rating_distribution(scores)
 
 # %% ../nbs/05_score.ipynb #6dc438c4
-def _encode(tokenizer, prompts) -> list[list[int]]:
+def _encode(tokenizer, prompts, prefix: str = RATING_PREFIX) -> list[list[int]]:
     if isinstance(prompts, str): raise MovierecError("Pass a list of prompts, not a single string.")
-    texts = [model_input(tokenizer, p) for p in prompts]
+    texts = [model_input(tokenizer, p, prefix) for p in prompts]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 def _pad_id(tokenizer) -> int:
@@ -87,6 +88,16 @@ def _frame(scores: np.ndarray) -> pd.DataFrame:
     df.insert(0, "argmax", np.where(np.isnan(probs).any(-1), 0, probs.argmax(-1) + 1) if len(probs) else [])
     df.insert(0, "pred", expected_rating(probs))
     return df
+
+def _enjoy_frame(scores: np.ndarray) -> pd.DataFrame:
+    "P(Yes) of the second task from `(n, 2)` logits of \" No\", \" Yes\"."
+    return pd.DataFrame({"p_enjoy": softmax(np.asarray(scores, np.float64), axis=-1)[:, 1] if len(scores) else []})
+
+def _task(tokenizer, task: str):
+    "`(answer prefix, answer token ids, frame)` of a task: rating (1..5) or enjoy (the second task: No, Yes)."
+    if task == "rating": return RATING_PREFIX, list(rating_token_ids(tokenizer)), _frame
+    if task == "enjoy": return ENJOY_PREFIX, list(enjoy_token_ids(tokenizer)), _enjoy_frame
+    raise MovierecError(f"task={task!r} is not a task; choose rating or enjoy.")
 
 def _batches(order, batch_size: int):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -121,11 +132,13 @@ def join_processes(device: str = "cpu") -> tuple[int, int]:
 
 # %% ../nbs/05_score.ipynb #ed19ffa0
 def score_prompts(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progress: bool = True,
-                  autocast: bool | None = None, distributed: bool = True) -> pd.DataFrame:
-    "Expected rating, argmax and p1..p5 for each prompt: one forward pass each, last position's logits only (split over torch.distributed's processes)."
+                  autocast: bool | None = None, distributed: bool = True, task: str = "rating") -> pd.DataFrame:
+    """Expected rating, argmax and p1..p5 for each prompt (task="enjoy": P(Yes), `p_enjoy`, of the second task): one forward pass
+    each, last position's logits only (split over torch.distributed's processes)."""
     import torch
-    ids, enc = list(rating_token_ids(tokenizer)), _encode(tokenizer, prompts)
-    scores = np.empty((len(enc), 5))
+    prefix, ids, frame = _task(tokenizer, task)
+    enc = _encode(tokenizer, prompts, prefix)
+    scores = np.empty((len(enc), len(ids)))
     order = np.argsort([len(e) for e in enc], kind="stable")
     rank, world = process_share() if distributed else (0, 1)
     mine = _batches(order, batch_size)[rank::world]
@@ -137,7 +150,7 @@ def score_prompts(model, tokenizer, prompts: Sequence[str], batch_size: int = 16
             out = model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                         use_cache=False, logits_to_keep=1)
             scores[batch] = out.logits[:, -1, ids].float().cpu().numpy()
-    return _frame(_gather_rows(scores, mine, world) if world > 1 else scores)
+    return frame(_gather_rows(scores, mine, world) if world > 1 else scores)
 
 # %% ../nbs/05_score.ipynb #1f96eb6e
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -151,14 +164,15 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 # %% ../nbs/05_score.ipynb #c2e61674
 def score_candidates(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progress: bool = False,
-                     autocast: bool | None = None, distributed: bool = True) -> pd.DataFrame:
+                     autocast: bool | None = None, distributed: bool = True, task: str = "rating") -> pd.DataFrame:
     "Like `score_prompts` for prompts sharing a prefix (one user's candidates): the prefix's KV cache is computed once."
     import torch
-    ids, enc = list(rating_token_ids(tokenizer)), _encode(tokenizer, prompts)
+    prefix, ids, frame = _task(tokenizer, task)
+    enc = _encode(tokenizer, prompts, prefix)
     n = _common_prefix(enc) if len(enc) > 1 else 0
-    if n == 0: return score_prompts(model, tokenizer, prompts, batch_size, progress, autocast, distributed)
+    if n == 0: return score_prompts(model, tokenizer, prompts, batch_size, progress, autocast, distributed, task)
     dev = _device(model)
-    scores = np.empty((len(enc), 5))
+    scores = np.empty((len(enc), len(ids)))
     order = np.argsort([len(e) for e in enc], kind="stable")
     rank, world = process_share() if distributed else (0, 1)
     mine = _batches(order, batch_size)[rank::world]
@@ -174,7 +188,7 @@ def score_candidates(model, tokenizer, prompts: Sequence[str], batch_size: int =
             out = model(input_ids=tail.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                         cache=past, use_cache=True, logits_to_keep=1)
             scores[batch] = out.logits[:, -1, ids].float().cpu().numpy()
-    return _frame(_gather_rows(scores, mine, world) if world > 1 else scores)
+    return frame(_gather_rows(scores, mine, world) if world > 1 else scores)
 
 # %% ../nbs/05_score.ipynb #4d87e353
 class LMPredictor:

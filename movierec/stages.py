@@ -16,6 +16,7 @@ from .core import MovierecError, RunLayout, get_logger, pick_device
 from .core import data_dir as assets_dir   # `data_dir` names a run's prepared data here
 from .deploy import GGUF_FILES, deploy
 from .evaluate import evaluate
+from .model import adapter_tasks
 from .params import Params
 from .prompts import prepare, prepared_knobs, read_examples
 from .train import train
@@ -148,7 +149,8 @@ def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter
         model, tokenizer = load_adapter(adapter_dir)
         predictors.append(LMPredictor(model, tokenizer, "lora"))
         if p.evaluate.zero_shot: predictors.append(LMPredictor(model, tokenizer, "zero_shot", adapter=False))
-        if p.recommend.ranking_users: ranking = ranking_metrics(p.recommend, data_dir, model, tokenizer, classic)
+        if p.recommend.ranking_users:  # an adapter that learned the second task also re-ranks by its P(Yes)
+            ranking = ranking_metrics(p.recommend, data_dir, model, tokenizer, classic, enjoy="enjoy" in adapter_tasks(adapter_dir))
     elif p.evaluate.zero_shot:
         model, tokenizer = load_base(p.train.base_model)
         predictors.append(LMPredictor(model, tokenizer, "zero_shot"))
@@ -166,5 +168,8 @@ def recommend_for(p: Params, data_dir: str | Path, adapter_dir: str | Path | Non
     from movierec.model import load_adapter, load_base
     from movierec.recommend import recommend
     use_device(p.recommend.device)
+    if p.recommend.rerank_by == "enjoy" and "enjoy" not in (adapter_tasks(adapter_dir) if adapter_dir else []):
+        raise MovierecError(f"rerank_by enjoy needs an adapter trained on the second task (train with enjoy_examples > 0); "
+                            f"{adapter_dir or 'the base model'} learned ratings only. Use rerank_by expected, liked or fused.")
     model, tokenizer = load_adapter(adapter_dir) if adapter_dir else load_base(p.train.base_model)
     return recommend(p.recommend, Path(data_dir), model, tokenizer, user_id=user_id, likes=likes)

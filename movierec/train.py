@@ -31,8 +31,9 @@ from pydantic import PositiveInt
 
 from .core import (MOVIEREC_JSON, Knobs, MovierecError, atomic_path, data_dir as default_data_dir, device_knob, get_logger,
                            knob, pick_device, seed_everything, seed_knob, use_bf16, write_json)
-from .model import TINY, adapter_tokenizer, apply_adapter, load_base, model_input, quiet_peft, rank_device, rating_token_ids
-from .prompts import RATING_PREFIX, read_examples
+from .model import (TINY, adapter_tokenizer, apply_adapter, enjoy_token_ids, load_base, model_input, quiet_peft, rank_device,
+                            rating_token_ids)
+from .prompts import ENJOY_PREFIX, ENJOY_SPLIT, RATING_PREFIX, read_examples
 
 log = get_logger(__name__)
 
@@ -73,6 +74,8 @@ class TrainConfig(Knobs):
     # data
     train_examples: Literal["auto"] | PositiveInt | None = knob("auto", "training examples sampled; auto: 2000 on a CPU, all on a GPU; null: all")
     val_examples: int = knob(200, "validation examples for eval loss during training; 0: no validation", ge=0)
+    enjoy_examples: int = knob(0, "examples of the second task (Would the user enjoy it? Yes/No: prepare's train_enjoy.parquet, "
+                               "written with enjoy_negatives > 0) trained beside the rating examples; 0: the rating task only", ge=0)
     group_by_length: bool = knob(True, "batches of similar length (less padding)")
     # evaluation and checkpoints
     eval_steps: PositiveInt | None = knob(None, "steps between validation evaluations (null: save_steps)")
@@ -106,17 +109,26 @@ def load_examples(data_dir, cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFram
     train_df = sample(read_examples(data_dir, "train", columns=TRAIN_COLUMNS), cfg.train_examples)
     if not len(train_df): raise MovierecError(f"{Path(data_dir) / 'train.parquet'} holds no examples.")
     val_df = sample(read_examples(data_dir, "val", required=False, columns=TRAIN_COLUMNS), cfg.val_examples) if cfg.val_examples else None
-    return train_df, (val_df if val_df is not None and len(val_df) else None)
+    if cfg.enjoy_examples:  # the second task's examples join the rating ones, in a seeded shuffle
+        enjoy = read_examples(data_dir, ENJOY_SPLIT, required=False, columns=TRAIN_COLUMNS)
+        if enjoy is None or not len(enjoy):
+            raise MovierecError(f"enjoy_examples={cfg.enjoy_examples} needs {Path(data_dir) / (ENJOY_SPLIT + '.parquet')}: "
+                                "prepare the data with enjoy_negatives 1 or more (movierec data --enjoy-negatives 1).")
+        train_df = pd.concat([train_df, sample(enjoy, cfg.enjoy_examples)], ignore_index=True).sample(frac=1, random_state=cfg.seed)
+    return train_df.reset_index(drop=True), (val_df if val_df is not None and len(val_df) else None)
 
-# %% ../nbs/04_train.ipynb #28fe9346
+# %% ../nbs/04_train.ipynb #a37c90fb
 def tokenize_examples(tokenizer, prompts, responses) -> tuple[list[list[int]], np.ndarray]:
     "Token ids of `model_input(prompt) + answer + eos` per example, and the length of the input part."
     prompts, responses = list(prompts), list(responses)
+    prefixes = []
     for i, r in enumerate(responses):
-        if not isinstance(r, str) or not r.startswith(RATING_PREFIX):
-            raise MovierecError(f"Example {i}: the response {r!r} does not start with {RATING_PREFIX!r}; rebuild the examples with `movierec data`.")
-    inputs = tokenizer([model_input(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([r[len(RATING_PREFIX):] for r in responses], add_special_tokens=False)["input_ids"]
+        prefixes.append(next((p for p in (RATING_PREFIX, ENJOY_PREFIX) if isinstance(r, str) and r.startswith(p)), None))
+        if prefixes[-1] is None:
+            raise MovierecError(f"Example {i}: the response {r!r} does not start with {RATING_PREFIX!r} (or {ENJOY_PREFIX!r}); "
+                                "rebuild the examples with `movierec data`.")
+    inputs = tokenizer([model_input(tokenizer, p, x) for p, x in zip(prompts, prefixes)], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([r[len(x):] for r, x in zip(responses, prefixes)], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     ids = [a + b + [eos] for a, b in zip(inputs, answers)]
     return ids, np.array([len(a) for a in inputs], dtype=np.int32)
@@ -155,7 +167,7 @@ def tokenize_cached(tokenizer, df: pd.DataFrame, objective: str = "rating", cach
 
 # %% ../nbs/04_train.ipynb #0f61456b
 def tokenize_splits(tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame | None, objective: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    "Both splits with their (cached) tokens; for the rating objectives each answer must start with a rating 1-5."
+    "Both splits with their (cached) tokens; for the rating objectives each answer must start with a rating 1-5 (the second task's: Yes or No)."
     train_df = tokenize_cached(tokenizer, train_df, objective)
     if val_df is not None: val_df = tokenize_cached(tokenizer, val_df, objective)
     if objective != "response":
@@ -163,7 +175,9 @@ def tokenize_splits(tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame | No
         for split, d in (("train", train_df), ("val", val_df)):
             if d is None: continue
             first = np.array([ids[n] for ids, n in zip(d.input_ids, d.n_input)])
-            if bad := np.flatnonzero(~np.isin(first, rating_ids)).tolist():
+            enjoy = d.response.str.startswith(ENJOY_PREFIX).to_numpy()
+            ok = np.where(enjoy, np.isin(first, enjoy_token_ids(tokenizer) if enjoy.any() else []), np.isin(first, rating_ids))
+            if bad := np.flatnonzero(~ok).tolist():
                 raise MovierecError(f"{split}.parquet row {bad[0]}: the response {d.response[bad[0]]!r} does not start with a rating 1-5 "
                                     f"after {RATING_PREFIX!r}; the {objective!r} objective needs one (or use objective='response').")
     return train_df, val_df
@@ -192,8 +206,9 @@ class Collator:
                 "rating": torch.tensor([float(ex["rating"]) for ex in examples])}
 
 # %% ../nbs/04_train.ipynb #5219846a
-def answer_loss(model, batch: dict, objective: str, rating_ids: list[int]):
-    "The training loss of a batch from `Collator`, with logits computed for the answer positions only."
+def answer_loss(model, batch: dict, objective: str, rating_ids: list[int], enjoy_ids: list[int] = ()):
+    """The training loss of a batch from `Collator`, with logits computed for the answer positions only. With `expected_mse`,
+    the second task's examples (answer token in `enjoy_ids`: No, Yes) add their cross-entropy over those two tokens instead."""
     import torch
     import torch.nn.functional as F
     labels = batch["labels"]
@@ -204,7 +219,14 @@ def answer_loss(model, batch: dict, objective: str, rating_ids: list[int]):
     if objective == "expected_mse":
         probs = logits[:, -1, rating_ids].softmax(-1)
         expected = probs @ torch.arange(1, 6, dtype=probs.dtype, device=probs.device)
-        return F.mse_loss(expected, batch["rating"].to(expected))
+        per_example = (expected - batch["rating"].to(expected).nan_to_num(0.0)) ** 2  # a second-task example has no rating
+        if len(enjoy_ids):
+            answer = target[:, -1]
+            enjoy = torch.isin(answer, torch.tensor(list(enjoy_ids), device=answer.device))
+            if enjoy.any():
+                ce = F.cross_entropy(logits[:, -1, list(enjoy_ids)], (answer == enjoy_ids[1]).long(), reduction="none")
+                per_example = torch.where(enjoy, ce, per_example)
+        return per_example.mean()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 # %% ../nbs/04_train.ipynb #dbb68916
@@ -353,9 +375,9 @@ def _trainer_classes():
     from transformers import Trainer, TrainerCallback
 
     class MovierecTrainer(Trainer):
-        def __init__(self, *a, objective="rating", rating_ids=None, **kw):
+        def __init__(self, *a, objective="rating", rating_ids=None, enjoy_ids=(), **kw):
             super().__init__(*a, **kw)
-            self.objective, self.rating_ids = objective, rating_ids
+            self.objective, self.rating_ids, self.enjoy_ids = objective, rating_ids, enjoy_ids
             self.counters = {"tokens_seen": 0, "loss_tokens": 0, "examples_seen": 0}  # this process's, since it started
             self.counted_before = dict.fromkeys(self.counters, 0)                     # the whole run's, up to the resumed checkpoint
             self.eval_seconds = 0.0             # time spent evaluating, left out of the training speed
@@ -386,7 +408,7 @@ def _trainer_classes():
             finally: self.eval_seconds += time.perf_counter() - t0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = answer_loss(model, inputs, self.objective, self.rating_ids)
+            loss = answer_loss(model, inputs, self.objective, self.rating_ids, self.enjoy_ids)
             if model.training:
                 self.counters["tokens_seen"] += int(inputs["attention_mask"].sum())
                 self.counters["loss_tokens"] += int((inputs["labels"] != -100).sum())
@@ -440,7 +462,8 @@ def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFram
                               train_dataset=train_df[cols].to_dict("records"),
                               eval_dataset=val_df[cols].to_dict("records") if val_df is not None else None,
                               data_collator=Collator(tokenizer.pad_token_id, cfg.objective),
-                              objective=cfg.objective, rating_ids=rating_token_ids(tokenizer))
+                              objective=cfg.objective, rating_ids=rating_token_ids(tokenizer),
+                              enjoy_ids=enjoy_token_ids(tokenizer) if cfg.enjoy_examples else ())
     trainer.add_callback(CheckpointMeta(trainer, meta))
     if cfg.early_stopping_patience and val_df is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
@@ -549,6 +572,7 @@ def save_outputs(trainer, tokenizer, out_dir, cfg: TrainConfig, summary: dict, d
         for f in Path(tmp).iterdir(): os.replace(f, out_dir / f.name)
     write_json(out_dir / MOVIEREC_JSON, {"base_model": summary["base_model"], "template": "chat" if getattr(tokenizer, "chat_template", None) else "plain",
                                          "rating_prefix": RATING_PREFIX, "objective": cfg.objective, "rating_token_ids": trainer.rating_ids,
+                                         "tasks": ["rating", "enjoy"] if cfg.enjoy_examples else ["rating"],
                                          "lora": summary["lora"], "data": str(data_dir),
                                          **({"parent": summary["parent"]} if "parent" in summary else {})})
     write_json(out_dir / "training_args.json", {"train_config": cfg.model_dump(mode="json"), "training_arguments": json.loads(trainer.args.to_json_string())})

@@ -30,11 +30,11 @@ def ml100k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ml100k_prepared(ml100k_dir, tmp_path_factory) -> dict:
-    """ML-100K prepared once per session with the default knobs (seed 0): the hybrid prompt's out-of-fold
-    classic fits take about a minute, so the modules that only sample its examples share one preparation."""
+    """ML-100K prepared once per session with the default knobs (seed 0) but 2 folds: the hybrid prompt's out-of-fold
+    classic fits take most of its time, so the modules that only sample its examples share one preparation."""
     from movierec.prompts import PrepareConfig, load_prepared, prepare
     full = tmp_path_factory.mktemp("ml100k-prepared")
-    prepare(PrepareConfig(dataset=str(ml100k_dir), seed=0), full)
+    prepare(PrepareConfig(dataset=str(ml100k_dir), folds=2, seed=0), full)
     return load_prepared(full)
 
 

@@ -30,10 +30,10 @@ def ml100k(ml100k_dir):
 
 @pytest.fixture(scope="module")
 def prepared(ml100k, tmp_path_factory):
-    "ML-100K prepared with the default (compact) template; few training windows, every test target."
+    "ML-100K prepared with the compact template (no classic fits to wait for); few training windows, every test target."
     from movierec.prompts import PrepareConfig, prepare
     out = tmp_path_factory.mktemp("data")
-    prepare(PrepareConfig(max_per_user=1, seed=0), out, ml=ml100k)
+    prepare(PrepareConfig(template="compact", max_per_user=1, seed=0), out, ml=ml100k)
     return out
 
 
