@@ -118,26 +118,23 @@ def test_answer_loss_equals_full_computation(prepared):
 
 
 def test_two_tasks_train_together(prepared, tmp_path):
-    "Rating and Yes/No examples in one run (expected_mse): one answer token each, the Yes/No loss falls, movierec.json names both tasks."
+    """Rating and Yes/No examples in one run (expected_mse): one answer token each, movierec.json names both tasks, and the
+    Yes/No loss teaches what the scorer reads: every Yes/No example here answers Yes, so P(Yes) must rise towards 1."""
+    from movierec.model import load_adapter
+    from movierec.score import score_prompts
     tok = smollm2_tokenizer()
     data = tmp_path / "data"; shutil.copytree(prepared, data)
     train_df = pd.read_parquet(data / "train.parquet")
-    enjoy = train_df.assign(response=[ENJOY_PREFIX + (" Yes" if r >= 4 else " No") for r in train_df.rating])
-    enjoy.to_parquet(data / f"{ENJOY_SPLIT}.parquet")
+    train_df.assign(response=ENJOY_PREFIX + " Yes").to_parquet(data / f"{ENJOY_SPLIT}.parquet")
     cfg = TrainConfig(**{**TINY_RUN, "max_steps": 16, "objective": "expected_mse", "train_examples": 32, "enjoy_examples": 32})
     res = train(data, tmp_path / "a", cfg, progress=False)
     assert res["n_train"] == 64 and res["loss_tokens"] == res["examples_seen"] == 16 * 8
     assert json.loads((tmp_path / "a" / MOVIEREC_JSON).read_text())["tasks"] == ["rating", "enjoy"]
-    # the Yes/No part alone, before and after: the cross-entropy over the two answer tokens falls on the examples it saw
-    ids, n_in = tokenize_examples(tok, enjoy.prompt[:32], enjoy.response[:32])
-    rows = [dict(input_ids=i, n_input=n, rating=float("nan")) for i, n in zip(ids, n_in)]
-    b = Collator(tok.pad_token_id, "expected_mse")(rows)
-    from movierec.model import enjoy_token_ids, load_adapter
+    prompts = train_df.prompt[:8].tolist()
+    before = score_prompts(tiny_llama(), tok, prompts, progress=False, task="enjoy").p_enjoy.mean()
     trained, _ = load_adapter(tmp_path / "a", device="cpu")
-    with torch.no_grad():
-        before = float(answer_loss(tiny_llama(), b, "expected_mse", rating_token_ids(tok), enjoy_token_ids(tok)))
-        after = float(answer_loss(trained, b, "expected_mse", rating_token_ids(tok), enjoy_token_ids(tok)))
-    assert after < 0.65 < before, (before, after)  # measured: 1.19 before, 0.59 after (a constant answer scores about 0.69)
+    after = score_prompts(trained, tok, prompts, progress=False, task="enjoy").p_enjoy.mean()
+    assert before < 0.9 < after, (before, after)  # measured: 0.77 before, 0.9997 after
     with pytest.raises(MovierecError, match="enjoy_negatives 1 or more"):
         train(prepared, tmp_path / "b", cfg, progress=False)
 
