@@ -91,7 +91,7 @@ def _frame(scores: np.ndarray) -> pd.DataFrame:
 
 def _enjoy_frame(scores: np.ndarray) -> pd.DataFrame:
     "P(Yes) of the second task from `(n, 2)` logits of \" No\", \" Yes\"."
-    return pd.DataFrame({"p_enjoy": softmax(np.asarray(scores, np.float64), axis=-1)[:, 1] if len(scores) else []})
+    return pd.DataFrame({"p_enjoy": softmax(np.asarray(scores, np.float64).reshape(-1, 2), axis=-1)[:, 1]})
 
 def _task(tokenizer, task: str):
     "`(answer prefix, answer token ids, frame)` of a task: rating (1..5) or enjoy (the second task: No, Yes)."
