@@ -29,11 +29,10 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np
-import pandas as pd
 import torch
 
 from movierec.core import RunLayout, write_json
-from movierec.model import load_adapter
+from movierec.model import adapter_tasks, load_adapter
 from movierec.prompts import prompt_context, prompts_for_user
 from movierec.recommend import (RANKING_METRICS, RecommendConfig, _history, _test_start, evaluation_users, prepared_dataset,
                                 ranking_metrics)
@@ -64,10 +63,12 @@ def bench_retrieval(cfg, ml, ratings, users) -> tuple[dict, dict]:
     return out, tops
 
 
-def bench_torch(model, tok, ml, ratings, template, users, tops, starts) -> tuple[dict, dict]:
-    "Seconds per user of each step of re-ranking in PyTorch, and the scores."
+def bench_torch(model, tok, ml, ratings, template, users, tops, starts, enjoy: bool = False) -> tuple[dict, dict]:
+    """Seconds per user of each step of re-ranking in PyTorch, and the scores. With `enjoy` (an adapter that learned the second
+    task), also both tasks at once (each candidate's tail run once) against the two tasks scored one after the other."""
     ctx = prompt_context(ml, ratings, template)
     parts = {k: 0.0 for k in ("prompts", "tokenise", "prefix_forward", "score_candidates", "score_prompts_unshared")}
+    if enjoy: parts.update(both_tasks_shared_tail=0.0, both_tasks_one_by_one=0.0)
     tokens = {"prefix": [], "tail": []}
     scores = {}
     score_candidates(model, tok, prompts_for_user(ml, ratings, users[0], tops[users[0]][:4], template, at_time=starts[users[0]], ctx=ctx))  # warm-up
@@ -81,6 +82,9 @@ def bench_torch(model, tok, ml, ratings, template, users, tops, starts) -> tuple
         parts["prefix_forward"] += s
         scores[u], s = timed(score_candidates, model, tok, prompts, batch_size=16); parts["score_candidates"] += s
         if i < 2: parts["score_prompts_unshared"] += timed(score_prompts, model, tok, prompts, batch_size=16, progress=False)[1]
+        if enjoy:
+            parts["both_tasks_shared_tail"] += timed(score_candidates, model, tok, prompts, batch_size=16, task=("rating", "enjoy"))[1]
+            parts["both_tasks_one_by_one"] += sum(timed(score_candidates, model, tok, prompts, batch_size=16, task=t)[1] for t in ("rating", "enjoy"))
     per_user = {k: v / len(users) for k, v in parts.items()}
     per_user["score_prompts_unshared"] = parts["score_prompts_unshared"] / min(2, len(users))
     per_user["candidates_forward"] = per_user["score_candidates"] - per_user["prefix_forward"] - per_user["tokenise"]
@@ -152,7 +156,8 @@ def main():
     print("retrieval:", json.dumps(result["retrieval"]))
     (model, tok), load_s = timed(load_adapter, adapter)
     result["load_model_s"] = round(load_s, 1)
-    result["torch"], scores = bench_torch(model, tok, ml, ratings, template, users, tops, starts)
+    result["tasks"] = adapter_tasks(adapter)
+    result["torch"], scores = bench_torch(model, tok, ml, ratings, template, users, tops, starts, enjoy="enjoy" in result["tasks"])
     print("torch:", json.dumps(result["torch"]))
     if not a.no_ollama and gguf:
         result["ollama"] = bench_ollama(Path(gguf), tok, ml, ratings, template, users, tops, starts, scores, a.concurrency)

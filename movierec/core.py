@@ -142,12 +142,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 # %% ../nbs/00_core.ipynb #a14d5368
-def use_bf16(device: str, setting: bool | str = "auto", training: bool = True) -> bool:
-    "Whether to compute in bf16 on `device`: `setting` if it is a bool, else the hardware's fast path (training only, on a CPU)."
+def use_bf16(device: str, setting: bool | str = "auto", cpu: bool = True) -> bool:
+    """Whether to compute in bf16 on `device`: `setting` if it is a bool, else the hardware's fast path (on a CPU only where
+    `cpu` allows it: training, re-ranking, zero-shot; not the scores compared with Ollama's)."""
     import torch
     if setting != "auto": return bool(setting)
     if str(device).startswith("cuda"): return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return training and str(device) == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return cpu and str(device) == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 # %% ../nbs/00_core.ipynb #be3fb561
 from pydantic import BaseModel, ConfigDict, Field, ValidationError

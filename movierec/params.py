@@ -29,7 +29,7 @@ SECTIONS = {"prepare": PrepareConfig, "train": TrainConfig, "deploy": DeployConf
             "recommend": RecommendConfig, "tune": TuneConfig}
 
 def knob_sections() -> dict[str, list[str]]:
-    "Each knob's name -> the sections that declare it (`seed` and `device` are shared)."
+    "Each knob's name -> the sections that declare it (`seed`, `device` and `score_bf16` are shared)."
     out: dict[str, list[str]] = {}
     for sec, cls in SECTIONS.items():
         for name in cls.model_fields: out.setdefault(name, []).append(sec)

@@ -22,7 +22,7 @@ from .explain import reasons
 from .classic import CLASSIC_FILE, load_classic
 from .prompts import DEFAULT_TEMPLATE, load_prepared, prepared_knobs, prompt_context, prompts_for_user
 from .retrieve import RETRIEVERS, fit_retrievers, rank_unseen
-from .score import score_candidates
+from .score import fast_bf16, score_candidates
 
 log = get_logger(__name__)
 
@@ -42,6 +42,8 @@ class RecommendConfig(Knobs):
     rerank_by: Literal["expected", "liked", "fused", "enjoy"] = knob(
         "expected", "the language model's ranking score: expected rating, liked = P(rating >= 4), fused = liked's order and the "
         "retriever's, reciprocal-rank fused, or enjoy = P(Yes) of the second task (an adapter trained with enjoy_examples)")
+    score_bf16: Literal["auto"] | bool = knob("auto", "bf16 for the language-model scores no Ollama row is compared with (the zero-shot "
+                                              "row, re-ranking); auto: on CUDA GPUs and CPUs with bf16 kernels. The LoRA row stays fp32 on a CPU")
     reasons: int = knob(3, "similar movies the user liked named per recommendation", ge=0)
     neighbours: int = knob(100, "itemknn: neighbours kept per movie", ge=1)
     factors: int = knob(64, "als and bpr: latent factors", ge=1)
@@ -105,11 +107,12 @@ def with_liked_user(ratings: pd.DataFrame, movie_ids: list[int]) -> tuple[pd.Dat
 LM_SCORES = {"expected": "pred", "liked": "p_liked", "fused": "p_liked", "enjoy": "p_enjoy"}  # the score each rerank_by orders by
 
 def lm_scores(model, tokenizer, ml: MovieLens, ratings: pd.DataFrame, user_id: int, movie_ids, template: str,
-              at_time=None, ctx=None, batch_size: int = 16, enjoy: bool = False) -> pd.DataFrame:
-    "The model's pred, argmax, p1..p5 and p_liked (P(rating >= 4)) for `user_id` and each of `movie_ids`; with `enjoy`, p_enjoy too."
+              at_time=None, ctx=None, batch_size: int = 16, enjoy: bool = False, autocast: bool | None = None) -> pd.DataFrame:
+    """The model's pred, argmax, p1..p5 and p_liked (P(rating >= 4)) for `user_id` and each of `movie_ids`; with `enjoy`, p_enjoy too
+    (`autocast`: bf16 or not, as `score.score_candidates` takes it)."""
     prompts = prompts_for_user(ml, ratings, user_id, movie_ids, template=template, at_time=at_time, ctx=ctx)
-    out = score_candidates(model, tokenizer, prompts, batch_size=batch_size)
-    if enjoy: out["p_enjoy"] = score_candidates(model, tokenizer, prompts, batch_size=batch_size, task="enjoy").p_enjoy.to_numpy()
+    out = score_candidates(model, tokenizer, prompts, batch_size=batch_size, task=("rating", "enjoy") if enjoy else "rating",
+                           autocast=autocast)
     return out.assign(p_liked=out.p4 + out.p5, movie_id=np.asarray(movie_ids, dtype=np.int64)).set_index("movie_id")
 
 # %% ../nbs/12_recommend.ipynb #9b44ff07
@@ -166,7 +169,7 @@ def recommend(cfg: RecommendConfig, data_dir: str | Path, model=None, tokenizer=
         head = recs.movie_id.to_numpy()[:cfg.rerank_n]
         ctx = prompt_setting(data_dir, ml, ratings, template)
         lm = lm_scores(model, tokenizer, ml, ratings, user_id, head, template, at_time=at_time, ctx=ctx, batch_size=batch_size,
-                       enjoy=cfg.rerank_by == "enjoy")
+                       enjoy=cfg.rerank_by == "enjoy", autocast=fast_bf16(model, cfg.score_bf16))
         recs = recs.join(lm, on="movie_id")
         order = rerank(recs.movie_id.to_numpy(), lm[LM_SCORES[cfg.rerank_by]], cfg.rerank_n, fuse=cfg.rerank_by == "fused")
         recs = recs.set_index("movie_id").loc[order].reset_index()
@@ -301,17 +304,18 @@ def _cold_start_rankings(cfg, data_dir, ml, ratings, template, users, names, sta
         cold = _cold_start_ratings(ratings, fold, cfg.cold_start_ratings)
         # classic models quoted by a hybrid prompt are the data folder's: fitted with these users' later training ratings too
         lm = _lm_fn(model, tokenizer, ml, cold, template, starts, batch_size, prompt_setting(data_dir, ml, cold, template) if model else None,
-                    enjoy)
+                    enjoy, cfg.score_bf16)
         ccfg = cfg.replace(retrievers=[r for r in cfg.retrievers if r in names], rerank_retrievers=[r for r in cfg.rerank_retrievers if r in names])
         for m, r in _rankings(ccfg, fitted, w, rows, None, fold, name, lm, progress, enjoy)[0].items(): out.setdefault(m, {}).update(r)
     return out
 
 # %% ../nbs/12_recommend.ipynb #f897bed5
-def _lm_fn(model, tokenizer, ml, ratings, template, starts, batch_size, ctx, enjoy: bool = False):
+def _lm_fn(model, tokenizer, ml, ratings, template, starts, batch_size, ctx, enjoy: bool = False, score_bf16="auto"):
     "A function (user_id, movie ids) -> the model's scores at the start of the user's test period, prompts built with `ctx`."
     if model is None: return None
+    bf16 = fast_bf16(model, score_bf16)
     return lambda u, cands: lm_scores(model, tokenizer, ml, ratings, u, cands, template, at_time=starts[u], ctx=ctx, batch_size=batch_size,
-                                      enjoy=enjoy)
+                                      enjoy=enjoy, autocast=bf16)
 
 def _table(rankings: dict, relevant: dict, catalogue: int, resamples: int, seed: int, prefix: str = "") -> tuple[list, pd.DataFrame]:
     per_user = pd.concat([per_user_metrics(r, relevant).assign(model=m) for m, r in rankings.items()], ignore_index=True)
@@ -336,12 +340,12 @@ def ranking_metrics(cfg: RecommendConfig, data_dir: str | Path, model=None, toke
     fit_seconds = time.perf_counter() - t0
     rows, index = w.rows(users), w.user_index(users)
     lm = _lm_fn(model, tokenizer, ml, ratings, template, starts, batch_size, prompt_setting(data_dir, ml, ratings, template) if model else None,
-                enjoy)
+                enjoy, cfg.score_bf16)
     rankings, seconds = _rankings(cfg, fitted, w, rows, index, users, name, lm, progress, enjoy)
     full, per_user = _table(rankings, relevant, catalogue, resamples, cfg.seed)
     out = {"protocol": "each user's liked test movies (rating >= 4) ranked among every movie they had not rated before their test period",
            "users": len(users), "relevant_per_user": float(np.mean([len(v) for v in relevant.values()])),
-           "rerank_n": cfg.rerank_n, "models": full,
+           "rerank_n": cfg.rerank_n, "rerank_bf16": model is not None and fast_bf16(model, cfg.score_bf16), "models": full,
            "seconds": {"fit_retrievers": round(fit_seconds, 2), "retrieve_per_user": seconds["retrieve"] / len(users),
                        "rerank_per_user": seconds["rerank"] / len(users), "candidates_per_user": seconds["candidates"] / len(users)}}
     parts = [per_user]

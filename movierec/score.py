@@ -21,7 +21,7 @@ from .prompts import ENJOY_PREFIX, RATING_PREFIX
 
 # %% auto #0
 __all__ = ['RATING_TOKENS', 'RATING_VALUES', 'rating_distribution', 'expected_rating', 'distribution_from_top_logprobs',
-           'process_share', 'join_processes', 'score_prompts', 'score_candidates', 'LMPredictor']
+           'fast_bf16', 'process_share', 'join_processes', 'score_prompts', 'score_candidates', 'LMPredictor']
 
 # %% ../nbs/05_score.ipynb #e0dac7de
 RATING_TOKENS = ("1", "2", "3", "4", "5")
@@ -78,8 +78,12 @@ def _device(model):
 def _autocast(model, enabled: bool | None):
     import torch
     dev = _device(model)
-    on = use_bf16(str(dev), "auto" if enabled is None else enabled, training=False)
+    on = use_bf16(str(dev), "auto" if enabled is None else enabled, cpu=False)
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on and dev.type in ("cpu", "cuda"))
+
+def fast_bf16(model, setting: bool | str = "auto") -> bool:
+    "The `autocast` of scores no Ollama row is compared with (re-ranking, the zero-shot row): `setting`, or the device's fast path."
+    return use_bf16(str(_device(model)), setting)
 
 # %% ../nbs/05_score.ipynb #9cf5bd2b
 def _frame(scores: np.ndarray) -> pd.DataFrame:
@@ -163,40 +167,81 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return max(n, 0)
 
 # %% ../nbs/05_score.ipynb #c2e61674
-def score_candidates(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progress: bool = False,
-                     autocast: bool | None = None, distributed: bool = True, task: str = "rating") -> pd.DataFrame:
-    "Like `score_prompts` for prompts sharing a prefix (one user's candidates): the prefix's KV cache is computed once."
+def _shared_len(seqs: list[list[int]]) -> int:
+    "The length of the longest common prefix of token sequences."
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]: n = next((k for k in range(n) if s[k] != seqs[0][k]), n)
+    return n
+
+def _split_tasks(encs: list[list[list[int]]]):
+    """`(shared, suffixes)` for the tokenized inputs `encs[task][prompt]`: per prompt, how many tokens its tasks share; per
+    task, the answer suffix after them, which must be the same for every prompt (else `None`: score the tasks one by one)."""
+    shared = [_shared_len([e[i] for e in encs]) for i in range(len(encs[0]))]
+    suffixes = []
+    for e in encs:
+        found = {tuple(e[i][m:]) for i, m in enumerate(shared)}
+        if len(found) > 1: return None
+        suffixes.append(list(found.pop()))
+    return shared, suffixes
+
+# %% ../nbs/05_score.ipynb #10b3fd6a
+def _run_suffix(model, cache, suffix: list[int], mask, last_pos, dev):
+    "Logits after feeding every row the same `suffix` on top of `cache` (its rows' attention `mask`, last positions `last_pos`)."
     import torch
-    prefix, ids, frame = _task(tokenizer, task)
-    enc = _encode(tokenizer, prompts, prefix)
-    n = _common_prefix(enc) if len(enc) > 1 else 0
-    if n == 0: return score_prompts(model, tokenizer, prompts, batch_size, progress, autocast, distributed, task)
+    rows = mask.shape[0]
+    ids = torch.tensor([suffix] * rows)
+    pos = last_pos + 1 + torch.arange(len(suffix))
+    mask = torch.cat([mask, torch.ones((rows, len(suffix)), dtype=torch.long)], 1)
+    return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), cache=cache, use_cache=True,
+                 logits_to_keep=1).logits[:, -1]
+
+def score_candidates(model, tokenizer, prompts: Sequence[str], batch_size: int = 16, progress: bool = False,
+                     autocast: bool | None = None, distributed: bool = True, task: str | Sequence[str] = "rating") -> pd.DataFrame:
+    """Like `score_prompts` for prompts sharing a prefix (one user's candidates): the prefix's KV cache is computed once.
+    With several tasks (`task=("rating", "enjoy")`) each candidate's own tail is run once too, then each task's answer prefix:
+    one frame with every task's columns."""
+    import torch
+    tasks = [task] if isinstance(task, str) else list(task)
+    specs = [_task(tokenizer, t) for t in tasks]
+    if not len(prompts): return pd.concat([frame(np.empty((0, len(ids)))) for _, ids, frame in specs], axis=1)
+    encs = [_encode(tokenizer, prompts, p) for p, _, _ in specs]
+    split = _split_tasks(encs)
+    if split is None:   # answer prefixes the tokenizer merges with the prompt's end: each task on its own
+        return pd.concat([score_candidates(model, tokenizer, prompts, batch_size, progress, autocast, distributed, t) for t in tasks], axis=1)
+    shared, suffixes = split
+    own = [e[:m] for e, m in zip(encs[0], shared)]   # each prompt's input up to where its tasks part
+    n = _common_prefix(own) if len(own) > 1 else 0
     dev = _device(model)
-    scores = np.empty((len(enc), len(ids)))
-    order = np.argsort([len(e) for e in enc], kind="stable")
+    scores = [np.empty((len(own), len(ids))) for _, ids, _ in specs]
+    order = np.argsort([len(e) for e in own], kind="stable")
     rank, world = process_share() if distributed else (0, 1)
     mine = _batches(order, batch_size)[rank::world]
     with torch.inference_mode(), _autocast(model, autocast):
-        prefix = torch.tensor([enc[0][:n]], device=dev)
-        cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
+        cache = model(input_ids=torch.tensor([own[0][:n]], device=dev), use_cache=True, logits_to_keep=1).cache if n else None
         for batch in _progress(mine, progress and rank == 0, "candidates"):
-            tail, tail_mask = _left_pad([enc[i][n:] for i in batch], _pad_id(tokenizer))
+            tail, tail_mask = _left_pad([own[i][n:] for i in batch], _pad_id(tokenizer))
             mask = torch.cat([torch.ones((len(batch), n), dtype=torch.long), tail_mask], 1)
             pos = n + (tail_mask.cumsum(-1) - 1).clamp(min=0)
-            past = copy.deepcopy(cache)
-            past.batch_repeat_interleave(len(batch))
+            past = None
+            if n: past = copy.deepcopy(cache); past.batch_repeat_interleave(len(batch))
             out = model(input_ids=tail.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                         cache=past, use_cache=True, logits_to_keep=1)
-            scores[batch] = out.logits[:, -1, ids].float().cpu().numpy()
-    return frame(_gather_rows(scores, mine, world) if world > 1 else scores)
+            pending = [k for k, s in enumerate(suffixes) if s]
+            for k, ((_, ids, _), suffix) in enumerate(zip(specs, suffixes)):
+                if not suffix: logits = out.logits[:, -1]
+                else:   # the last task with a suffix may extend the tail's cache in place; the others extend a copy
+                    tail_cache = out.cache if k == pending[-1] else copy.deepcopy(out.cache)
+                    logits = _run_suffix(model, tail_cache, suffix, mask, pos[:, -1:], dev)
+                scores[k][batch] = logits[:, ids].float().cpu().numpy()
+    return pd.concat([frame(_gather_rows(sc, mine, world) if world > 1 else sc) for (_, _, frame), sc in zip(specs, scores)], axis=1)
 
 # %% ../nbs/05_score.ipynb #4d87e353
 class LMPredictor:
     "A language model as a predictor of the targets' `prompt`s: `pred` (expected rating), `argmax`, `p1`..`p5`."
     def __init__(self, model, tokenizer, name: str = "lora", kind: str = "llm", batch_size: int = 16,
-                 adapter: bool = True, progress: bool = True):
+                 adapter: bool = True, progress: bool = True, autocast: bool | None = None):
         self.model, self.tokenizer, self.name, self.kind = model, tokenizer, name, kind
-        self.batch_size, self.adapter, self.progress = batch_size, adapter, progress
+        self.batch_size, self.adapter, self.progress, self.autocast = batch_size, adapter, progress, autocast
     def __repr__(self): return f"LMPredictor({self.name!r}, adapter={self.adapter})"
 
     def predict(self, targets: pd.DataFrame) -> pd.DataFrame:
@@ -205,4 +250,4 @@ class LMPredictor:
         off = not self.adapter and hasattr(self.model, "disable_adapter")
         with self.model.disable_adapter() if off else contextlib.nullcontext():
             return score_prompts(self.model, self.tokenizer, targets.prompt.tolist(), batch_size=self.batch_size,
-                                 progress=self.progress)
+                                 progress=self.progress, autocast=self.autocast)

@@ -136,7 +136,7 @@ def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter
     without params.yaml (`movierec evaluate --out`) gets one with the knobs measured, so `movierec compare` can name what differs."""
     from movierec.model import load_adapter, load_base
     from movierec.recommend import ranking_metrics
-    from movierec.score import LMPredictor
+    from movierec.score import LMPredictor, fast_bf16
     from movierec.serve import ollama_client
     use_device(p.evaluate.device)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -148,12 +148,13 @@ def evaluate_stage(p: Params, data_dir: str | Path, out_dir: str | Path, adapter
     if adapter_dir is not None:
         model, tokenizer = load_adapter(adapter_dir)
         predictors.append(LMPredictor(model, tokenizer, "lora"))
-        if p.evaluate.zero_shot: predictors.append(LMPredictor(model, tokenizer, "zero_shot", adapter=False))
+        if p.evaluate.zero_shot:   # no Ollama row to equal: bf16 where the device is fast at it (score_bf16)
+            predictors.append(LMPredictor(model, tokenizer, "zero_shot", adapter=False, autocast=fast_bf16(model, p.evaluate.score_bf16)))
         if p.recommend.ranking_users:  # an adapter that learned the second task also re-ranks by its P(Yes)
             ranking = ranking_metrics(p.recommend, data_dir, model, tokenizer, classic, enjoy="enjoy" in adapter_tasks(adapter_dir))
     elif p.evaluate.zero_shot:
         model, tokenizer = load_base(p.train.base_model)
-        predictors.append(LMPredictor(model, tokenizer, "zero_shot"))
+        predictors.append(LMPredictor(model, tokenizer, "zero_shot", autocast=fast_bf16(model, p.evaluate.score_bf16)))
     with contextlib.ExitStack() as stack:
         if p.deploy.deploy and adapter_dir is not None:
             # a lasting models folder: blobs an earlier stage or run uploaded are found by digest

@@ -169,6 +169,7 @@ def test_an_oracle_reranker_lifts_ndcg_and_keeps_each_list_a_ranking(ml100k_prep
 
 
 def test_ranking_metrics_with_a_model_gives_every_table(ml100k_prepared):
+    from movierec.core import use_bf16
     from movierec.model import smollm2_tokenizer, tiny_llama
     tok = smollm2_tokenizer()
     cfg = RecommendConfig(ranking_users=12, rerank_n=8, sampled_users=3, ranking_negatives=9, cold_start_users=3, seed=0)
@@ -178,6 +179,7 @@ def test_ranking_metrics_with_a_model_gives_every_table(ml100k_prepared):
     assert [r["model"] for r in rk["cold_start"]["models"]] == ["popularity", "itemknn", "als", "itemknn+lm", "itemknn+lm_liked", "itemknn+lm_fused"]
     assert {r["model"] for r in rk["sampled"]["models"]} == {"popularity", "itemknn", "als", "bpr", "lm", "lm_liked"}
     assert rk["seconds"]["candidates_per_user"] == 8 and rk["seconds"]["rerank_per_user"] > 0
+    assert rk["rerank_bf16"] == use_bf16("cpu"), "re-ranking takes this CPU's bf16 kernels where it has them (score_bf16 auto)"
     lm = {r["model"]: r for r in rk["models"]}["itemknn+lm"]
     assert set(lm["vs"]) == {"itemknn", "popularity"} and len(lm["vs"]["itemknn"]["ndcg@10"]["ci95"]) == 2
     per_user = rk["per_user"]
