@@ -6,7 +6,8 @@
 
 1. Seconds per user, after the model is loaded, for one user's top 50 (`--candidates`):
    - retrieval: each retriever ranks the user's whole unseen catalogue (fitting is timed once);
-   - re-ranking in PyTorch with the shared user prefix (`score.score_candidates`), split into
+   - re-ranking in PyTorch with the shared user prefix (`score.score_candidates`; bf16 where the
+     CPU has bf16 kernels, as `recommend` runs it, and fp32 for scale), split into
      prompt building, tokenising, the prefix's forward pass and the candidates' passes, with the
      prefix and per-candidate token counts;
    - the same prompts scored in full, one by one in batches (`score.score_prompts`), for scale;
@@ -37,7 +38,7 @@ from movierec.prompts import prompt_context, prompts_for_user
 from movierec.recommend import (RANKING_METRICS, RecommendConfig, _history, _test_start, evaluation_users, prepared_dataset,
                                 ranking_metrics)
 from movierec.retrieve import fit_retrievers, rank_unseen
-from movierec.score import score_candidates, score_prompts
+from movierec.score import fast_bf16, score_candidates, score_prompts
 # the scorer's own steps, to time them apart
 from movierec.score import _common_prefix, _device, _encode
 
@@ -63,33 +64,40 @@ def bench_retrieval(cfg, ml, ratings, users) -> tuple[dict, dict]:
     return out, tops
 
 
-def bench_torch(model, tok, ml, ratings, template, users, tops, starts, enjoy: bool = False) -> tuple[dict, dict]:
-    """Seconds per user of each step of re-ranking in PyTorch, and the scores. With `enjoy` (an adapter that learned the second
-    task), also both tasks at once (each candidate's tail run once) against the two tasks scored one after the other."""
+def bench_torch(model, tok, ml, ratings, template, users, tops, starts, enjoy: bool = False, bf16: bool = False) -> tuple[dict, dict]:
+    """Seconds per user of each step of re-ranking in PyTorch (with `bf16` autocast, as `recommend` runs it with score_bf16 auto),
+    the same in fp32 for scale, and the fp32 scores. With `enjoy` (an adapter that learned the second task), also both tasks at
+    once (each candidate's tail run once) against the two tasks scored one after the other."""
     ctx = prompt_context(ml, ratings, template)
-    parts = {k: 0.0 for k in ("prompts", "tokenise", "prefix_forward", "score_candidates", "score_prompts_unshared")}
+    parts = {k: 0.0 for k in ("prompts", "tokenise", "prefix_forward", "score_candidates", "score_candidates_fp32", "score_prompts_unshared")}
+    bf16_diff = []
     if enjoy: parts.update(both_tasks_shared_tail=0.0, both_tasks_one_by_one=0.0)
     tokens = {"prefix": [], "tail": []}
     scores = {}
-    score_candidates(model, tok, prompts_for_user(ml, ratings, users[0], tops[users[0]][:4], template, at_time=starts[users[0]], ctx=ctx))  # warm-up
+    for ac in (False, bf16):  # warm-up
+        score_candidates(model, tok, prompts_for_user(ml, ratings, users[0], tops[users[0]][:4], template, at_time=starts[users[0]], ctx=ctx), autocast=ac)
     for i, u in enumerate(users):
         prompts, s = timed(prompts_for_user, ml, ratings, u, tops[u], template, at_time=starts[u], ctx=ctx); parts["prompts"] += s
         enc, s = timed(_encode, tok, prompts); parts["tokenise"] += s
         n = _common_prefix(enc)
         tokens["prefix"].append(n); tokens["tail"] += [len(e) - n for e in enc]
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and _device(model).type == "cpu"):
             _, s = timed(model, input_ids=torch.tensor([enc[0][:n]], device=_device(model)), use_cache=True, logits_to_keep=1)
         parts["prefix_forward"] += s
-        scores[u], s = timed(score_candidates, model, tok, prompts, batch_size=16); parts["score_candidates"] += s
-        if i < 2: parts["score_prompts_unshared"] += timed(score_prompts, model, tok, prompts, batch_size=16, progress=False)[1]
+        fast, s = timed(score_candidates, model, tok, prompts, batch_size=16, autocast=bf16); parts["score_candidates"] += s
+        scores[u], s = timed(score_candidates, model, tok, prompts, batch_size=16, autocast=False); parts["score_candidates_fp32"] += s
+        bf16_diff.append(np.abs(fast.pred.to_numpy() - scores[u].pred.to_numpy()))
+        if i < 2: parts["score_prompts_unshared"] += timed(score_prompts, model, tok, prompts, batch_size=16, progress=False, autocast=bf16)[1]
         if enjoy:
-            parts["both_tasks_shared_tail"] += timed(score_candidates, model, tok, prompts, batch_size=16, task=("rating", "enjoy"))[1]
-            parts["both_tasks_one_by_one"] += sum(timed(score_candidates, model, tok, prompts, batch_size=16, task=t)[1] for t in ("rating", "enjoy"))
+            parts["both_tasks_shared_tail"] += timed(score_candidates, model, tok, prompts, batch_size=16, task=("rating", "enjoy"), autocast=bf16)[1]
+            parts["both_tasks_one_by_one"] += sum(timed(score_candidates, model, tok, prompts, batch_size=16, task=t, autocast=bf16)[1]
+                                                  for t in ("rating", "enjoy"))
     per_user = {k: v / len(users) for k, v in parts.items()}
     per_user["score_prompts_unshared"] = parts["score_prompts_unshared"] / min(2, len(users))
     per_user["candidates_forward"] = per_user["score_candidates"] - per_user["prefix_forward"] - per_user["tokenise"]
     per_user["total_rerank"] = per_user["prompts"] + per_user["score_candidates"]
-    return {"seconds_per_user": {k: round(v, 3) for k, v in per_user.items()},
+    return {"bf16": bf16, "pred_abs_diff_bf16_vs_fp32": float(np.concatenate(bf16_diff).mean()),
+            "seconds_per_user": {k: round(v, 3) for k, v in per_user.items()},
             "tokens": {"prefix_mean": float(np.mean(tokens["prefix"])), "tail_mean": float(np.mean(tokens["tail"]))}}, scores
 
 
@@ -157,7 +165,8 @@ def main():
     (model, tok), load_s = timed(load_adapter, adapter)
     result["load_model_s"] = round(load_s, 1)
     result["tasks"] = adapter_tasks(adapter)
-    result["torch"], scores = bench_torch(model, tok, ml, ratings, template, users, tops, starts, enjoy="enjoy" in result["tasks"])
+    result["torch"], scores = bench_torch(model, tok, ml, ratings, template, users, tops, starts, enjoy="enjoy" in result["tasks"],
+                                          bf16=fast_bf16(model))
     print("torch:", json.dumps(result["torch"]))
     if not a.no_ollama and gguf:
         result["ollama"] = bench_ollama(Path(gguf), tok, ml, ratings, template, users, tops, starts, scores, a.concurrency)

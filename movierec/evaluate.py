@@ -496,6 +496,7 @@ def evaluate(cfg: EvaluateConfig, data_dir, out_dir, predictors: list, ranking: 
     with atomic_path(run.predictions) as tmp: preds.to_parquet(tmp, index=False)
     if ranking_users is not None:
         with atomic_path(run.root / RANKING_USERS) as tmp: ranking_users.to_parquet(tmp, index=False)
+    else: (run.root / RANKING_USERS).unlink(missing_ok=True)   # an earlier evaluation's ranking is not this one's
     write_json(run.metrics, _json_safe(metrics))
     save_plots(preds, columns, run.plots)
     if ref is not None:  # the language models' wins and losses; only classic models: each against the best one

@@ -9,14 +9,14 @@ from movierec.classic import CLASSIC_FILE, CLASSIC_NAMES, fit_classic, load_clas
 from movierec.data import MovieLens, load_movielens, split_by_time
 from movierec.prompts import KEY, PrepareConfig, build_examples, load_prepared, prepare, prompt_context, prompts_for_user
 
-CFG = dict(template="hybrid", train_targets="recent", history="train", folds=3)
+CFG = dict(template="hybrid", train_targets="recent", history="train", folds=2)
 
 
 @pytest.fixture(scope="module")
 def ml(ml100k_dir):
-    "The first 300 users of ML-100K: the models refit in seconds."
+    "The first 200 users of ML-100K: the models refit in seconds."
     full = load_movielens(ml100k_dir)
-    return MovieLens(full.name, full.ratings[full.ratings.user_id <= 300].reset_index(drop=True), full.movies, full.scale, full.path)
+    return MovieLens(full.name, full.ratings[full.ratings.user_id <= 200].reset_index(drop=True), full.movies, full.scale, full.path)
 
 
 def _build(ml, sr, cfg):
@@ -85,7 +85,7 @@ def test_recent_targets_look_like_test_targets(ml):
 
 
 def test_prepare_saves_the_models_that_serve_the_prompts(ml, tmp_path):
-    meta = prepare(PrepareConfig(folds=3), tmp_path, ml=ml)  # the defaults: hybrid_short, recent targets, training-only profiles
+    meta = prepare(PrepareConfig(folds=2), tmp_path, ml=ml)  # the defaults: hybrid_short, recent targets, training-only profiles
     assert meta["params"]["template"] == "hybrid_short" and meta["params"]["train_targets"] == "recent"
     assert meta["classic"]["quoted"] == ["svdpp", "knn_baseline", "knn_user"] and (tmp_path / CLASSIC_FILE).exists()
     assert meta["classic"]["models"] == list(CLASSIC_NAMES)  # every classic model, for evaluation to reuse

@@ -72,10 +72,12 @@ def test_resume_skips_completed_stages_and_reruns_changed_ones(tiny_run, ollama_
     run_cli("run", "--params", TINY, "--out", run, "--ollama-host", ollama_server.host, "--model-name", "movierec-tiny", "--resume")
     assert read_stages(run) == before, "nothing changed, nothing reran"
     run_cli("run", "--params", TINY, "--out", run, "--ollama-host", ollama_server.host, "--model-name", "movierec-tiny",
-            "--resume", "--eval-sample", "16", "--no-zero-shot")
+            "--resume", "--eval-sample", "16", "--no-zero-shot", "--ranking-users", "0")
     after = read_stages(run)
     assert [s for s in STAGES if after[s]["started"] != before[s]["started"]] == ["04_evaluate", "05_report"]
-    assert {m["n"] for m in json.loads((run / "metrics.json").read_text())["models"]} == {16}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {m["n"] for m in metrics["models"]} == {16} and "ranking" not in metrics
+    assert not (run / "ranking_users.parquet").exists(), "the first evaluation's ranking is not left behind"
 
 
 @pytest.mark.slow
