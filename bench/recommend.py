@@ -34,8 +34,8 @@ import torch
 
 from movierec.core import RunLayout, write_json
 from movierec.model import adapter_tasks, load_adapter
-from movierec.prompts import prompt_context, prompts_for_user
-from movierec.recommend import (RANKING_METRICS, RecommendConfig, _history, _test_start, evaluation_users, prepared_dataset,
+from movierec.prompts import prompts_for_user
+from movierec.recommend import (RANKING_METRICS, RecommendConfig, _history, _test_start, evaluation_users, prepared_dataset, prompt_setting,
                                 ranking_metrics)
 from movierec.retrieve import fit_retrievers, rank_unseen
 from movierec.score import fast_bf16, score_candidates, score_prompts
@@ -64,11 +64,10 @@ def bench_retrieval(cfg, ml, ratings, users) -> tuple[dict, dict]:
     return out, tops
 
 
-def bench_torch(model, tok, ml, ratings, template, users, tops, starts, enjoy: bool = False, bf16: bool = False) -> tuple[dict, dict]:
+def bench_torch(model, tok, ml, ratings, template, users, tops, starts, ctx, enjoy: bool = False, bf16: bool = False) -> tuple[dict, dict]:
     """Seconds per user of each step of re-ranking in PyTorch (with `bf16` autocast, as `recommend` runs it with score_bf16 auto),
     the same in fp32 for scale, and the fp32 scores. With `enjoy` (an adapter that learned the second task), also both tasks at
-    once (each candidate's tail run once) against the two tasks scored one after the other."""
-    ctx = prompt_context(ml, ratings, template)
+    once (each candidate's tail run once) against the two tasks scored one after the other. `ctx`: the prompts' setting."""
     parts = {k: 0.0 for k in ("prompts", "tokenise", "prefix_forward", "score_candidates", "score_candidates_fp32", "score_prompts_unshared")}
     bf16_diff = []
     if enjoy: parts.update(both_tasks_shared_tail=0.0, both_tasks_one_by_one=0.0)
@@ -101,10 +100,9 @@ def bench_torch(model, tok, ml, ratings, template, users, tops, starts, enjoy: b
             "tokens": {"prefix_mean": float(np.mean(tokens["prefix"])), "tail_mean": float(np.mean(tokens["tail"]))}}, scores
 
 
-def bench_ollama(gguf: Path, tok, ml, ratings, template, users, tops, starts, torch_scores, concurrency: int) -> dict:
+def bench_ollama(gguf: Path, tok, ml, ratings, template, users, tops, starts, ctx, torch_scores, concurrency: int) -> dict:
     "Seconds per user through Ollama (the run's GGUF export), and its distance from PyTorch's expected ratings."
     from movierec.serve import create_model, ollama_client, ollama_predict
-    ctx = prompt_context(ml, ratings, template)
     with ollama_client("auto", num_parallel=concurrency) as (client, _):
         create_model(client, "movierec-bench-rec", gguf / "base-f16.gguf", gguf / "adapter.gguf", overwrite=True)
         first = prompts_for_user(ml, ratings, users[0], tops[users[0]][:concurrency], template, at_time=starts[users[0]], ctx=ctx)
@@ -165,11 +163,12 @@ def main():
     (model, tok), load_s = timed(load_adapter, adapter)
     result["load_model_s"] = round(load_s, 1)
     result["tasks"] = adapter_tasks(adapter)
-    result["torch"], scores = bench_torch(model, tok, ml, ratings, template, users, tops, starts, enjoy="enjoy" in result["tasks"],
+    ctx = prompt_setting(data, ml, ratings, template)   # the data folder's fitted classic models, as recommend reads them
+    result["torch"], scores = bench_torch(model, tok, ml, ratings, template, users, tops, starts, ctx, enjoy="enjoy" in result["tasks"],
                                           bf16=fast_bf16(model))
     print("torch:", json.dumps(result["torch"]))
     if not a.no_ollama and gguf:
-        result["ollama"] = bench_ollama(Path(gguf), tok, ml, ratings, template, users, tops, starts, scores, a.concurrency)
+        result["ollama"] = bench_ollama(Path(gguf), tok, ml, ratings, template, users, tops, starts, ctx, scores, a.concurrency)
         print("ollama:", json.dumps(result["ollama"]))
     a.out.mkdir(parents=True, exist_ok=True)
     if a.eval_users:
