@@ -157,22 +157,17 @@ def score_prompts(model, tokenizer, prompts: Sequence[str], batch_size: int = 16
     return frame(_gather_rows(scores, mine, world) if world > 1 else scores)
 
 # %% ../nbs/05_score.ipynb #1f96eb6e
-def _common_prefix(seqs: list[list[int]]) -> int:
-    n = min(len(s) for s in seqs) - 1  # keep at least one token of each prompt for its own pass
-    first = seqs[0]
-    for s in seqs[1:]:
-        k = 0
-        while k < n and s[k] == first[k]: k += 1
-        n = k
-    return max(n, 0)
-
-# %% ../nbs/05_score.ipynb #c2e61674
 def _shared_len(seqs: list[list[int]]) -> int:
     "The length of the longest common prefix of token sequences."
     n = min(len(s) for s in seqs)
     for s in seqs[1:]: n = next((k for k in range(n) if s[k] != seqs[0][k]), n)
     return n
 
+def _common_prefix(seqs: list[list[int]]) -> int:
+    "The shared prefix to cache: at least one token of each prompt is left for its own pass."
+    return max(min(_shared_len(seqs), min(len(s) for s in seqs) - 1), 0)
+
+# %% ../nbs/05_score.ipynb #c2e61674
 def _split_tasks(encs: list[list[list[int]]]):
     """`(shared, suffixes)` for the tokenized inputs `encs[task][prompt]`: per prompt, how many tokens its tasks share; per
     task, the answer suffix after them, which must be the same for every prompt (else `None`: score the tasks one by one)."""
@@ -216,6 +211,7 @@ def score_candidates(model, tokenizer, prompts: Sequence[str], batch_size: int =
     order = np.argsort([len(e) for e in own], kind="stable")
     rank, world = process_share() if distributed else (0, 1)
     mine = _batches(order, batch_size)[rank::world]
+    last = max((k for k, s in enumerate(suffixes) if s), default=None)   # this task may extend the tail's cache in place
     with torch.inference_mode(), _autocast(model, autocast):
         cache = model(input_ids=torch.tensor([own[0][:n]], device=dev), use_cache=True, logits_to_keep=1).cache if n else None
         for batch in _progress(mine, progress and rank == 0, "candidates"):
@@ -226,11 +222,10 @@ def score_candidates(model, tokenizer, prompts: Sequence[str], batch_size: int =
             if n: past = copy.deepcopy(cache); past.batch_repeat_interleave(len(batch))
             out = model(input_ids=tail.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                         cache=past, use_cache=True, logits_to_keep=1)
-            pending = [k for k, s in enumerate(suffixes) if s]
             for k, ((_, ids, _), suffix) in enumerate(zip(specs, suffixes)):
                 if not suffix: logits = out.logits[:, -1]
-                else:   # the last task with a suffix may extend the tail's cache in place; the others extend a copy
-                    tail_cache = out.cache if k == pending[-1] else copy.deepcopy(out.cache)
+                else:   # the other tasks extend a copy of the tail's cache
+                    tail_cache = out.cache if k == last else copy.deepcopy(out.cache)
                     logits = _run_suffix(model, tail_cache, suffix, mask, pos[:, -1:], dev)
                 scores[k][batch] = logits[:, ids].float().cpu().numpy()
     return pd.concat([frame(_gather_rows(sc, mine, world) if world > 1 else sc) for (_, _, frame), sc in zip(specs, scores)], axis=1)
