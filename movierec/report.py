@@ -10,7 +10,7 @@ import html
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,10 @@ from .recommend import RecommendConfig, evaluation_users, prepared_dataset, reco
 
 # %% auto #0
 __all__ = ['COMPARED', 'REPORT_HTML', 'segments_table', 'plot_files', 'write_report', 'model_columns', 'read_predictions',
-           'paired_predictions', 'compare_metrics', 'compare_segments', 'compare_ranking', 'Comparison', 'compare_runs',
-           'plot_comparison', 'comparison_frame', 'format_comparison', 'png_data_uri', 'html_table', 'ranking_tables',
-           'example_recommendations', 'recommendations_table', 'write_report_html', 'comparison_html']
+           'paired_predictions', 'compare_metrics', 'compare_segments', 'unpaired_rankings', 'compare_ranking',
+           'Comparison', 'compare_runs', 'plot_comparison', 'comparison_frame', 'format_comparison', 'png_data_uri',
+           'html_table', 'ranking_tables', 'example_recommendations', 'recommendations_table', 'write_report_html',
+           'comparison_html']
 
 # %% ../nbs/13_report.ipynb #11058662
 def _read_json(p: Path) -> dict:
@@ -174,21 +175,41 @@ def compare_segments(joined: pd.DataFrame, models: list[str], metric: str = "rms
     return pd.DataFrame(rows, columns=["segment", "bin", "model", "metric", "n", "A", "B", "diff", "lo", "hi", "verdict"])
 
 # %% ../nbs/13_report.ipynb #774b960a
-def compare_ranking(run_a, run_b, resamples: int = 2000, seed: int = 0, names=("A", "B")) -> pd.DataFrame | None:
-    "Per model and per-user metric of both runs' ranking_users.parquet: users, A, B, B - A, its paired interval, B's verdict."
+def _ranking_tables(run_a, run_b) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    "Both runs' per-user ranking results, or None when either run kept none."
     fa, fb = Path(run_a) / RANKING_USERS, Path(run_b) / RANKING_USERS
-    if not (fa.exists() and fb.exists()): return None
-    ra, rb = pd.read_parquet(fa), pd.read_parquet(fb)
-    values = [v for v in check_ranking_users(ra) if v in check_ranking_users(rb)]
+    return (pd.read_parquet(fa), pd.read_parquet(fb)) if fa.exists() and fb.exists() else None
+
+def _ranked_pairs(ra: pd.DataFrame, rb: pd.DataFrame, m: str) -> tuple[list[str], set, set]:
+    "The key columns of model `m`'s rows (user, and held-out movie where both have it) and each run's set of keys."
     key = ["user_id"] + (["movie_id"] if "movie_id" in ra and "movie_id" in rb else [])
+    keys = lambda r: set(map(tuple, r.loc[r.model == m, key].to_numpy()))
+    return key, keys(ra), keys(rb)
+
+def unpaired_rankings(run_a, run_b, names=("A", "B")) -> dict[str, str]:
+    "Models of both runs' ranking_users.parquet that the runs ranked for different users (or held-out movies), each with how they differ."
+    tables = _ranking_tables(run_a, run_b)
+    if tables is None: return {}
+    ra, rb = tables
+    out = {}
+    for m in [m for m in dict.fromkeys(ra.model) if m in set(rb.model)]:
+        _, ka, kb = _ranked_pairs(ra, rb, m)
+        if ka != kb: out[m] = (f"{names[0]} ranked {len(ka)} users, {names[1]} {len(kb)}, {len(ka & kb)} of them alike "
+                               "(another ranking_users, sampled_users, cold_start_users or seed?)")
+    return out
+
+def compare_ranking(run_a, run_b, resamples: int = 2000, seed: int = 0, names=("A", "B")) -> pd.DataFrame | None:
+    "Per model and per-user metric of both runs' ranking_users.parquet: users, A, B, B - A, its paired interval, B's verdict; models ranked for different users are left out (see `unpaired_rankings`)."
+    tables = _ranking_tables(run_a, run_b)
+    if tables is None: return None
+    ra, rb = tables
+    values = [v for v in check_ranking_users(ra) if v in check_ranking_users(rb)]
+    unpaired = unpaired_rankings(run_a, run_b, names)
     mean_diff = lambda a, b, axis=-1: b.mean(axis) - a.mean(axis)
     rows = []
-    for m in [m for m in dict.fromkeys(ra.model) if m in set(rb.model)]:
-        ua, ub = ra[ra.model == m], rb[rb.model == m]
-        if set(map(tuple, ua[key].to_numpy())) != set(map(tuple, ub[key].to_numpy())):
-            raise MovierecError(f"Runs {names[0]} and {names[1]} ranked different users (or held-out movies) for {m!r} in "
-                                f"{RANKING_USERS}; compare runs made with the same data, ranking_users and seed.")
-        both = ua.merge(ub, on=key, suffixes=("@a", "@b"))
+    for m in [m for m in dict.fromkeys(ra.model) if m in set(rb.model) and m not in unpaired]:
+        key, _, _ = _ranked_pairs(ra, rb, m)
+        both = ra[ra.model == m].merge(rb[rb.model == m], on=key, suffixes=("@a", "@b"))
         for v in values:
             x, y = both[f"{v}@a"].to_numpy(float), both[f"{v}@b"].to_numpy(float)
             ci = paired_interval(mean_diff, (x, y), resamples, seed)
@@ -207,6 +228,7 @@ class Comparison:
     metrics: pd.DataFrame          # compare_metrics
     segments: pd.DataFrame         # compare_segments (RMSE)
     ranking: pd.DataFrame | None   # compare_ranking, when both runs kept per-user ranking results
+    unpaired: dict = field(default_factory=dict)  # ranking tables not compared: model -> how the runs' users differ
 
 def compare_runs(run_a: str | Path, run_b: str | Path, plot: str | Path | None = None, resamples: int = 2000,
                  seed: int = 0) -> Comparison:
@@ -218,7 +240,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, plot: str | Path | None =
                           columns=["param", "A", "B"])
     cmp = Comparison(a.root.name, b.root.name, len(joined), params, compare_metrics(joined, models, COMPARED, resamples, seed),
                      compare_segments(joined, models, "rmse", resamples=resamples, seed=seed),
-                     compare_ranking(a.root, b.root, resamples, seed, (a.root.name, b.root.name)))
+                     compare_ranking(a.root, b.root, resamples, seed, (a.root.name, b.root.name)),
+                     unpaired_rankings(a.root, b.root, (a.root.name, b.root.name)))
     if plot is not None:
         fig = plot_comparison(cmp)
         with atomic_path(Path(plot)) as tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
@@ -263,6 +286,7 @@ def format_comparison(cmp: Comparison) -> str:
     out += ["", "metrics:", fmt(cmp.metrics) if len(cmp.metrics) else "no model in both runs"]
     if len(cmp.segments): out += ["", "RMSE by segment:", fmt(cmp.segments)]
     if cmp.ranking is not None and len(cmp.ranking): out += ["", "ranking (per-user means):", fmt(cmp.ranking)]
+    if cmp.unpaired: out += ["", "ranking tables not compared (ranked for different users):"] + [f"  {m}: {why}" for m, why in cmp.unpaired.items()]
     return "\n".join(out)
 
 # %% ../nbs/13_report.ipynb #b9079288
@@ -431,5 +455,8 @@ def comparison_html(cmp: Comparison, path: str | Path) -> Path:
     if len(cmp.segments): body += ["<h2>RMSE by segment</h2>", html_table(comparison_frame(cmp.segments), index=False)]
     if cmp.ranking is not None and len(cmp.ranking):
         body += ["<h2>Ranking (per-user means)</h2>", html_table(comparison_frame(cmp.ranking), index=False)]
+    if cmp.unpaired:
+        body += ["<p>Ranking tables not compared (the runs ranked them for different users): "
+                 + "; ".join(f"<code>{html.escape(m)}</code>: {html.escape(why)}" for m, why in cmp.unpaired.items()) + ".</p>"]
     body += ["<h2>Plot</h2>", _figure(png_data_uri(png.getvalue()), f"gain of {cmp.b} over {cmp.a}, with 95% intervals (right of 0: B is better)")]
     return write_text(path, _page(f"{cmp.b} against {cmp.a}", body))

@@ -1,6 +1,6 @@
 """`movierec compare A B` (issue 17, item 3): two runs' predictions of the same test ratings, paired; each
 difference with a paired bootstrap 95% interval and a verdict, per segment and for per-user ranking results;
-runs scored on other ratings are refused. Two small made-up run folders whose differences are checked by hand."""
+runs scored on other ratings are refused, ranking tables ranked for other users are named and left out. Two small made-up run folders whose differences are checked by hand."""
 import subprocess
 import sys
 from pathlib import Path
@@ -101,9 +101,28 @@ def test_runs_on_other_test_ratings_are_refused(runs, tmp_path):
         compare_runs(a, fewer)
     with pytest.raises(MovierecError, match="not a run folder"):
         compare_runs(a, tmp_path / "nowhere")
+
+
+def test_ranking_tables_of_other_users_are_left_out_not_the_comparison(runs, tmp_path):
+    "Runs with another sampled_users: their test ratings are still compared, the ranking table they filled differently is named and skipped."
+    a, b = runs
     other_users = make_run(tmp_path / "E", GOOD, OFF, ranks=[1] * 39)
-    with pytest.raises(MovierecError, match="ranked different users"):
-        compare_runs(a, other_users)
+    cmp = compare_runs(a, other_users, plot=tmp_path / "ae.png", resamples=200)
+    assert cmp.n == 6 and set(cmp.metrics.model) == {"svd", "lora", "other"}
+    assert len(cmp.ranking) == 0 and cmp.unpaired == {"lora": "A ranked 40 users, E 39, 39 of them alike (another "
+                                                      "ranking_users, sampled_users, cold_start_users or seed?)"}
+    assert "ranking tables not compared (ranked for different users):\n  lora: A ranked 40 users, E 39" in format_comparison(cmp)
+    assert compare_runs(a, b, resamples=200).unpaired == {}
+    # a second table ranked alike in both runs is still compared beside the skipped one
+    for run, n in ((a, 40), (other_users, 39)):
+        t = pd.read_parquet(Path(run) / RANKING_USERS)
+        alike = pd.DataFrame({"model": "sampled/lora", "user_id": range(5), "movie_id": 7, "rank": [1, 2, 3, 40, 50],
+                              "hr@10": [1.0, 1, 1, 0, 0]})
+        pd.concat([t, alike]).to_parquet(Path(run) / RANKING_USERS)
+    cmp = compare_runs(a, other_users, resamples=200)
+    assert set(cmp.ranking.model) == {"sampled/lora"} and (cmp.ranking.n == 5).all() and list(cmp.unpaired) == ["lora"]
+    r = subprocess.run([MOVIEREC, "compare", str(a), str(other_users)], capture_output=True, text=True)
+    assert r.returncode == 0 and "lora: A ranked 40 users, E 39, 39 of them alike" in r.stdout, r.stderr
 
 
 def test_the_cli_prints_the_table_and_writes_the_plot(runs, tmp_path):
