@@ -475,6 +475,7 @@ def evaluate(cfg: EvaluateConfig, data_dir, out_dir, predictors: list, ranking: 
     for p in predictors:
         preds[p.name], seconds = _predict(p, targets)
         metrics["models"].append(_entry(p.name, p.kind, preds, seconds))
+        if precision := getattr(p, "precision", None): metrics["models"][-1]["precision"] = precision  # e.g. the zero-shot row's bf16
         if progress: log.info("%s: %d test ratings in %.1f s, RMSE %.3f", p.name, len(preds), seconds or 0,
                               metrics["models"][-1]["metrics"]["rmse"])
     if cfg.blend and (blend_absent or data["val"].empty):

@@ -75,11 +75,14 @@ def _left_pad(seqs: list[list[int]], pad_id: int):
 def _device(model):
     return next(model.parameters()).device
 
+def _bf16_on(model, enabled: bool | None) -> bool:
+    "Whether `autocast=enabled` scores in bf16 on the model's device (None: on CUDA only, the LoRA row's fp32 on a CPU)."
+    dev = _device(model)
+    return use_bf16(str(dev), "auto" if enabled is None else enabled, cpu=False) and dev.type in ("cpu", "cuda")
+
 def _autocast(model, enabled: bool | None):
     import torch
-    dev = _device(model)
-    on = use_bf16(str(dev), "auto" if enabled is None else enabled, cpu=False)
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on and dev.type in ("cpu", "cuda"))
+    return torch.autocast(_device(model).type, dtype=torch.bfloat16, enabled=_bf16_on(model, enabled))
 
 def fast_bf16(model, setting: bool | str = "auto") -> bool:
     "The `autocast` of scores no Ollama row is compared with (re-ranking, the zero-shot row): `setting`, or the device's fast path."
@@ -238,6 +241,10 @@ class LMPredictor:
         self.model, self.tokenizer, self.name, self.kind = model, tokenizer, name, kind
         self.batch_size, self.adapter, self.progress, self.autocast = batch_size, adapter, progress, autocast
     def __repr__(self): return f"LMPredictor({self.name!r}, adapter={self.adapter})"
+    @property
+    def precision(self) -> str:
+        "What its scores are computed in, for metrics.json: bf16 (autocast) or the weights' dtype."
+        return "bf16" if _bf16_on(self.model, self.autocast) else str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     def predict(self, targets: pd.DataFrame) -> pd.DataFrame:
         if "prompt" not in targets.columns:
