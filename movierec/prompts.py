@@ -30,10 +30,10 @@ log = get_logger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'RATING_PREFIX', 'ENJOY_PREFIX', 'ENJOY_ANSWERS', 'ENJOY_SPLIT', 'TEMPLATES', 'DEFAULT_TEMPLATE', 'RESPONSE',
-           'REASONING', 'COLUMNS', 'KEY', 'ROWS_PER_CHUNK', 'get_template', 'stars', 'PrepareConfig', 'PromptContext',
-           'prompt_context', 'signal_models', 'profile_prompts', 'train_targets', 'history_bounds', 'fit_signal',
-           'iter_examples', 'build_examples', 'prompts_for_user', 'prepare', 'read_examples', 'prepared_knobs',
-           'load_prepared']
+           'REASONING', 'COLUMNS', 'KEY', 'ENJOY_NEIGHBOURS', 'ROWS_PER_CHUNK', 'get_template', 'stars',
+           'PrepareConfig', 'PromptContext', 'prompt_context', 'signal_models', 'profile_prompts', 'train_targets',
+           'history_bounds', 'enjoy_retriever', 'fit_signal', 'iter_examples', 'build_examples', 'prompts_for_user',
+           'prepare', 'read_examples', 'prepared_knobs', 'load_prepared']
 
 # %% ../nbs/02_prompts.ipynb #5972468c
 RATING_PREFIX = "Rating Prediction: "
@@ -128,6 +128,8 @@ class PrepareConfig(Knobs):
     folds: int = knob(5, "folds of users for the out-of-fold estimates in training prompts (hybrid template)", ge=2)
     enjoy_negatives: int = knob(0, "the second task (Would the user enjoy it? Yes/No) into train_enjoy.parquet: the training targets (Yes "
                                 "when rated 4 or more) plus this many unseen movies per liked target (No), drawn by popularity; 0: none", ge=0)
+    enjoy_from_top: int = knob(0, "0: enjoy_negatives drawn by popularity; N: drawn from the top N unseen movies item-kNN retrieves from the "
+                               "user's training ratings before the liked target (hard negatives, like the candidates re-ranking sees)", ge=0)
     seed: int = seed_knob()
 
     @field_validator("template")
@@ -439,13 +441,45 @@ def _unseen_draws(ctx: PromptContext, r: pd.DataFrame, users: np.ndarray, k: int
         out[i] = got[:k]
     return out
 
-def _enjoy_examples(ctx: PromptContext, r: pd.DataFrame, hist: pd.DataFrame, cfg: PrepareConfig, targets: pd.DataFrame, s, h, fold) -> pd.DataFrame:
+ENJOY_NEIGHBOURS = 100  # the item-kNN of hard negatives keeps recommend's default neighbours per movie
+
+def enjoy_retriever(ctx: PromptContext, r: pd.DataFrame):
+    "The item-kNN (`retrieve.ItemKNN`) of hard negatives, fitted on the training ratings of `r` (every user) over the catalogue `ctx.movie_ids`."
+    from movierec.retrieve import ItemKNN, watched
+    return ItemKNN(ENJOY_NEIGHBOURS).fit(watched(r[r.split == "train"], ctx.movie_ids))
+
+def _retrieved_draws(ctx: PromptContext, r: pd.DataFrame, hist: pd.DataFrame, knn, users, s, h, k: int, top: int, seed: int,
+                     batch: int = 1024) -> np.ndarray:
+    "`k` movie indices per liked target, drawn from the `top` unseen movies `knn` ranks first from the user's history `hist[s:h]` before it."
+    import scipy.sparse as sp
+    from movierec.retrieve import rank_unseen
+    n, mi = len(ctx.movie_ids), hist.movie_idx.to_numpy()
+    rows = lambda parts: sp.csr_matrix((np.ones(sum(map(len, parts)), np.float32), np.concatenate([np.zeros(0, np.int64), *parts]),
+                                        np.r_[0, np.cumsum([len(p) for p in parts])]), shape=(len(parts), n))
+    tr = r[r.split == "train"]
+    rated = tr.groupby("user_id").movie_idx.agg(lambda x: np.unique(x.to_numpy())).to_dict()  # never a negative, whenever rated
+    rng = np.random.default_rng([seed, int(np.min(users, initial=0))])
+    out = np.empty((len(users), k), np.int64)
+    for lo in range(0, len(users), batch):  # bounded memory: a batch of dense score rows over the catalogue
+        at = slice(lo, lo + batch)
+        before = rows([mi[a:b] for a, b in zip(s[at], h[at])])
+        seen = rows([rated.get(u, np.zeros(0, np.int64)) for u in users[at]])
+        for i, cands in enumerate(rank_unseen(knn.scores(before), seen, top), start=lo):
+            cands = cands[cands >= 0]
+            if len(cands) < k: raise MovierecError(f"user {users[i]} has {len(cands)} unseen movies; lower enjoy_negatives below {k}.")
+            out[i] = rng.choice(cands, size=k, replace=False)
+    return out
+
+def _enjoy_examples(ctx: PromptContext, r: pd.DataFrame, hist: pd.DataFrame, cfg: PrepareConfig, targets: pd.DataFrame, s, h, fold,
+                    knn=None) -> pd.DataFrame:
     "The second task's examples (`COLUMNS`; `rating` NaN for an unseen movie) from a chunk's training targets and their history bounds."
     liked = np.flatnonzero(targets.rating.to_numpy() >= 4)
     k = cfg.enjoy_negatives
     rows = np.repeat(liked, k)  # each draw borrows its liked target's user, time, history and fold
     users = targets.user_id.to_numpy()[rows]
-    movie_idx = _unseen_draws(ctx, r, targets.user_id.to_numpy()[liked], k, cfg.seed).reshape(-1)
+    liked_users = targets.user_id.to_numpy()[liked]
+    movie_idx = (_unseen_draws(ctx, r, liked_users, k, cfg.seed) if knn is None else
+                 _retrieved_draws(ctx, r, hist, knn, liked_users, s[liked], h[liked], k, cfg.enjoy_from_top, cfg.seed)).reshape(-1)
     prof = profile_prompts(ctx, hist, s[rows], h[rows], movie_idx, targets.timestamp.to_numpy()[rows], user_ids=users,
                            fold=None if fold is None else fold[rows])
     unseen = pd.DataFrame({"user_id": users, "movie_id": ctx.movie_ids[movie_idx], "timestamp": targets.timestamp.to_numpy()[rows],
@@ -457,8 +491,8 @@ def _enjoy_examples(ctx: PromptContext, r: pd.DataFrame, hist: pd.DataFrame, cfg
     return out.assign(response=np.where(yes, ENJOY_PREFIX + ENJOY_ANSWERS[1], ENJOY_PREFIX + ENJOY_ANSWERS[0]))[COLUMNS]
 
 # %% ../nbs/02_prompts.ipynb #62005953
-def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, splits, reasoning: bool) -> dict:
-    "Examples (`COLUMNS`) for one chunk of whole users; `r` sorted by (user, time, movie) with `split` and `movie_idx`."
+def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, splits, reasoning: bool, knn=None) -> dict:
+    "Examples (`COLUMNS`) for one chunk of whole users; `r` sorted by (user, time, movie) with `split` and `movie_idx`; `knn`: `enjoy_retriever`."
     user, ts, split = r.user_id.to_numpy(), r.timestamp.to_numpy(), r.split.to_numpy()
     is_target = train_targets(r, cfg)
     parts = [np.flatnonzero(is_target) if name == "train" else np.flatnonzero(split == name) for name in splits]
@@ -481,7 +515,7 @@ def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, spl
     if cfg.enjoy_negatives and "train" in splits:
         at = np.flatnonzero(np.isin(cand, parts[list(splits).index("train")]))  # the training targets' rows of `df`
         out[ENJOY_SPLIT] = _enjoy_examples(ctx, r, hist, cfg, df.iloc[at].reset_index(drop=True), s[at], h[at],
-                                           None if fold is None else fold[at])
+                                           None if fold is None else fold[at], knn)
     return out
 
 # %% ../nbs/02_prompts.ipynb #e2195ca5
@@ -508,8 +542,13 @@ def iter_examples(ml: MovieLens, split_ratings: pd.DataFrame, cfg: PrepareConfig
     r = _sorted_with_index(ctx, split_ratings)
     if names := signal_models(ctx.template):
         fit_signal(ctx, r, cfg, names)
+    hard = cfg.enjoy_negatives and cfg.enjoy_from_top and "train" in splits
+    if hard and cfg.enjoy_from_top < cfg.enjoy_negatives:
+        raise MovierecError(f"enjoy_from_top={cfg.enjoy_from_top} must be at least enjoy_negatives={cfg.enjoy_negatives}: "
+                            "the hard negatives of a liked target are drawn without repeats from item-kNN's top enjoy_from_top.")
+    knn = enjoy_retriever(ctx, r) if hard else None  # fitted on every user's training ratings, not a chunk's
     for chunk in _user_chunks(r, rows_per_chunk):
-        yield _chunk_examples(ctx, chunk, cfg, splits, reasoning)
+        yield _chunk_examples(ctx, chunk, cfg, splits, reasoning, knn)
 
 # %% ../nbs/02_prompts.ipynb #02ccbaba
 def build_examples(ml: MovieLens, split_ratings: pd.DataFrame, cfg: PrepareConfig | None = None, splits=SPLITS,
