@@ -40,7 +40,7 @@ from movierec.recommend import (RANKING_METRICS, RecommendConfig, _history, _tes
 from movierec.retrieve import fit_retrievers, rank_unseen
 from movierec.score import fast_bf16, score_candidates, score_prompts
 # the scorer's own steps, to time them apart
-from movierec.score import _common_prefix, _device, _encode
+from movierec.score import _autocast, _common_prefix, _device, _encode
 
 
 def timed(f, *a, **kw):
@@ -80,7 +80,7 @@ def bench_torch(model, tok, ml, ratings, template, users, tops, starts, ctx, enj
         enc, s = timed(_encode, tok, prompts); parts["tokenise"] += s
         n = _common_prefix(enc)
         tokens["prefix"].append(n); tokens["tail"] += [len(e) - n for e in enc]
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and _device(model).type == "cpu"):
+        with torch.inference_mode(), _autocast(model, bf16):
             _, s = timed(model, input_ids=torch.tensor([enc[0][:n]], device=_device(model)), use_cache=True, logits_to_keep=1)
         parts["prefix_forward"] += s
         fast, s = timed(score_candidates, model, tok, prompts, batch_size=16, autocast=bf16); parts["score_candidates"] += s

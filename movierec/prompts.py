@@ -444,42 +444,38 @@ def _unseen_draws(ctx: PromptContext, r: pd.DataFrame, users: np.ndarray, k: int
 ENJOY_NEIGHBOURS = 100  # the item-kNN of hard negatives keeps recommend's default neighbours per movie
 
 def enjoy_retriever(ctx: PromptContext, r: pd.DataFrame):
-    "The item-kNN (`retrieve.ItemKNN`) of hard negatives, fitted on the training ratings of `r` (every user) over the catalogue `ctx.movie_ids`."
+    "Who watched what in training (`retrieve.Watched`) and the item-kNN of hard negatives fitted on it, from `r` (every user) over `ctx.movie_ids`."
     from movierec.retrieve import ItemKNN, watched
-    return ItemKNN(ENJOY_NEIGHBOURS).fit(watched(r[r.split == "train"], ctx.movie_ids))
+    w = watched(r[r.split == "train"], ctx.movie_ids)
+    return w, ItemKNN(ENJOY_NEIGHBOURS).fit(w)
 
-def _retrieved_draws(ctx: PromptContext, r: pd.DataFrame, hist: pd.DataFrame, knn, users, s, h, k: int, top: int, seed: int,
-                     batch: int = 1024) -> np.ndarray:
-    "`k` movie indices per liked target, drawn from the `top` unseen movies `knn` ranks first from the user's history `hist[s:h]` before it."
-    import scipy.sparse as sp
+def _retrieved_draws(retriever, hist: pd.DataFrame, users, s, h, k: int, top: int, seed: int, batch: int = 1024) -> np.ndarray:
+    "`k` movie indices per liked target, drawn from the `top` unseen movies `retriever` (`enjoy_retriever`) ranks first from the user's history `hist[s:h]` before it."
     from movierec.retrieve import rank_unseen
-    n, mi = len(ctx.movie_ids), hist.movie_idx.to_numpy()
-    rows = lambda parts: sp.csr_matrix((np.ones(sum(map(len, parts)), np.float32), np.concatenate([np.zeros(0, np.int64), *parts]),
-                                        np.r_[0, np.cumsum([len(p) for p in parts])]), shape=(len(parts), n))
-    tr = r[r.split == "train"]
-    rated = tr.groupby("user_id").movie_idx.agg(lambda x: np.unique(x.to_numpy())).to_dict()  # never a negative, whenever rated
+    w, knn = retriever
+    mi = w.movie_ids[hist.movie_idx.to_numpy()]  # the catalogues agree: a movie's index is its place in the sorted ids
     rng = np.random.default_rng([seed, int(np.min(users, initial=0))])
     out = np.empty((len(users), k), np.int64)
     for lo in range(0, len(users), batch):  # bounded memory: a batch of dense score rows over the catalogue
         at = slice(lo, lo + batch)
-        before = rows([mi[a:b] for a, b in zip(s[at], h[at])])
-        seen = rows([rated.get(u, np.zeros(0, np.int64)) for u in users[at]])
-        for i, cands in enumerate(rank_unseen(knn.scores(before), seen, top), start=lo):
+        before = w.new_rows([mi[a:b] for a, b in zip(s[at], h[at])])
+        # every training rating of the user is never a negative, whenever it was made
+        for i, cands in enumerate(rank_unseen(knn.scores(before), w.rows(users[at]), top), start=lo):
             cands = cands[cands >= 0]
             if len(cands) < k: raise MovierecError(f"user {users[i]} has {len(cands)} unseen movies; lower enjoy_negatives below {k}.")
             out[i] = rng.choice(cands, size=k, replace=False)
     return out
 
 def _enjoy_examples(ctx: PromptContext, r: pd.DataFrame, hist: pd.DataFrame, cfg: PrepareConfig, targets: pd.DataFrame, s, h, fold,
-                    knn=None) -> pd.DataFrame:
+                    retriever=None) -> pd.DataFrame:
     "The second task's examples (`COLUMNS`; `rating` NaN for an unseen movie) from a chunk's training targets and their history bounds."
     liked = np.flatnonzero(targets.rating.to_numpy() >= 4)
     k = cfg.enjoy_negatives
     rows = np.repeat(liked, k)  # each draw borrows its liked target's user, time, history and fold
     users = targets.user_id.to_numpy()[rows]
     liked_users = targets.user_id.to_numpy()[liked]
-    movie_idx = (_unseen_draws(ctx, r, liked_users, k, cfg.seed) if knn is None else
-                 _retrieved_draws(ctx, r, hist, knn, liked_users, s[liked], h[liked], k, cfg.enjoy_from_top, cfg.seed)).reshape(-1)
+    movie_idx = (_unseen_draws(ctx, r, liked_users, k, cfg.seed) if retriever is None else
+                 _retrieved_draws(retriever, hist, liked_users, s[liked], h[liked], k, cfg.enjoy_from_top, cfg.seed)).reshape(-1)
     prof = profile_prompts(ctx, hist, s[rows], h[rows], movie_idx, targets.timestamp.to_numpy()[rows], user_ids=users,
                            fold=None if fold is None else fold[rows])
     unseen = pd.DataFrame({"user_id": users, "movie_id": ctx.movie_ids[movie_idx], "timestamp": targets.timestamp.to_numpy()[rows],
@@ -491,8 +487,8 @@ def _enjoy_examples(ctx: PromptContext, r: pd.DataFrame, hist: pd.DataFrame, cfg
     return out.assign(response=np.where(yes, ENJOY_PREFIX + ENJOY_ANSWERS[1], ENJOY_PREFIX + ENJOY_ANSWERS[0]))[COLUMNS]
 
 # %% ../nbs/02_prompts.ipynb #62005953
-def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, splits, reasoning: bool, knn=None) -> dict:
-    "Examples (`COLUMNS`) for one chunk of whole users; `r` sorted by (user, time, movie) with `split` and `movie_idx`; `knn`: `enjoy_retriever`."
+def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, splits, reasoning: bool, retriever=None) -> dict:
+    "Examples (`COLUMNS`) for one chunk of whole users; `r` sorted by (user, time, movie) with `split` and `movie_idx`; `retriever`: `enjoy_retriever`."
     user, ts, split = r.user_id.to_numpy(), r.timestamp.to_numpy(), r.split.to_numpy()
     is_target = train_targets(r, cfg)
     parts = [np.flatnonzero(is_target) if name == "train" else np.flatnonzero(split == name) for name in splits]
@@ -515,7 +511,7 @@ def _chunk_examples(ctx: PromptContext, r: pd.DataFrame, cfg: PrepareConfig, spl
     if cfg.enjoy_negatives and "train" in splits:
         at = np.flatnonzero(np.isin(cand, parts[list(splits).index("train")]))  # the training targets' rows of `df`
         out[ENJOY_SPLIT] = _enjoy_examples(ctx, r, hist, cfg, df.iloc[at].reset_index(drop=True), s[at], h[at],
-                                           None if fold is None else fold[at], knn)
+                                           None if fold is None else fold[at], retriever)
     return out
 
 # %% ../nbs/02_prompts.ipynb #e2195ca5
@@ -546,9 +542,9 @@ def iter_examples(ml: MovieLens, split_ratings: pd.DataFrame, cfg: PrepareConfig
     if hard and cfg.enjoy_from_top < cfg.enjoy_negatives:
         raise MovierecError(f"enjoy_from_top={cfg.enjoy_from_top} must be at least enjoy_negatives={cfg.enjoy_negatives}: "
                             "the hard negatives of a liked target are drawn without repeats from item-kNN's top enjoy_from_top.")
-    knn = enjoy_retriever(ctx, r) if hard else None  # fitted on every user's training ratings, not a chunk's
+    retriever = enjoy_retriever(ctx, r) if hard else None  # fitted on every user's training ratings, not a chunk's
     for chunk in _user_chunks(r, rows_per_chunk):
-        yield _chunk_examples(ctx, chunk, cfg, splits, reasoning, knn)
+        yield _chunk_examples(ctx, chunk, cfg, splits, reasoning, retriever)
 
 # %% ../nbs/02_prompts.ipynb #02ccbaba
 def build_examples(ml: MovieLens, split_ratings: pd.DataFrame, cfg: PrepareConfig | None = None, splits=SPLITS,

@@ -180,35 +180,27 @@ def _ranking_tables(run_a, run_b) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     fa, fb = Path(run_a) / RANKING_USERS, Path(run_b) / RANKING_USERS
     return (pd.read_parquet(fa), pd.read_parquet(fb)) if fa.exists() and fb.exists() else None
 
-def _ranked_pairs(ra: pd.DataFrame, rb: pd.DataFrame, m: str) -> tuple[list[str], set, set]:
-    "The key columns of model `m`'s rows (user, and held-out movie where both have it) and each run's set of keys."
-    key = ["user_id"] + (["movie_id"] if "movie_id" in ra and "movie_id" in rb else [])
-    keys = lambda r: set(map(tuple, r.loc[r.model == m, key].to_numpy()))
-    return key, keys(ra), keys(rb)
+def _ranking_key(ra: pd.DataFrame, rb: pd.DataFrame) -> list[str]:
+    "What pairs two runs' rows of a model: the user, and the held-out movie where both tables have it."
+    return ["user_id"] + (["movie_id"] if "movie_id" in ra and "movie_id" in rb else [])
 
-def unpaired_rankings(run_a, run_b, names=("A", "B")) -> dict[str, str]:
-    "Models of both runs' ranking_users.parquet that the runs ranked for different users (or held-out movies), each with how they differ."
-    tables = _ranking_tables(run_a, run_b)
-    if tables is None: return {}
-    ra, rb = tables
-    out = {}
+def _unpaired(ra: pd.DataFrame, rb: pd.DataFrame, names=("A", "B")) -> dict[str, str]:
+    "Models of both tables that the runs ranked for different users (or held-out movies), each with how they differ."
+    key, out = _ranking_key(ra, rb), {}
+    keys = lambda r, m: set(map(tuple, r.loc[r.model == m, key].to_numpy()))
     for m in [m for m in dict.fromkeys(ra.model) if m in set(rb.model)]:
-        _, ka, kb = _ranked_pairs(ra, rb, m)
+        ka, kb = keys(ra, m), keys(rb, m)
         if ka != kb: out[m] = (f"{names[0]} ranked {len(ka)} users, {names[1]} {len(kb)}, {len(ka & kb)} of them alike "
                                "(another ranking_users, sampled_users, cold_start_users or seed?)")
     return out
 
-def compare_ranking(run_a, run_b, resamples: int = 2000, seed: int = 0, names=("A", "B")) -> pd.DataFrame | None:
-    "Per model and per-user metric of both runs' ranking_users.parquet: users, A, B, B - A, its paired interval, B's verdict; models ranked for different users are left out (see `unpaired_rankings`)."
-    tables = _ranking_tables(run_a, run_b)
-    if tables is None: return None
-    ra, rb = tables
+def _compare_ranking_tables(ra: pd.DataFrame, rb: pd.DataFrame, unpaired: dict, resamples: int, seed: int) -> pd.DataFrame:
+    "`compare_ranking` of two read tables, leaving out the models of `unpaired`."
     values = [v for v in check_ranking_users(ra) if v in check_ranking_users(rb)]
-    unpaired = unpaired_rankings(run_a, run_b, names)
+    key = _ranking_key(ra, rb)
     mean_diff = lambda a, b, axis=-1: b.mean(axis) - a.mean(axis)
     rows = []
     for m in [m for m in dict.fromkeys(ra.model) if m in set(rb.model) and m not in unpaired]:
-        key, _, _ = _ranked_pairs(ra, rb, m)
         both = ra[ra.model == m].merge(rb[rb.model == m], on=key, suffixes=("@a", "@b"))
         for v in values:
             x, y = both[f"{v}@a"].to_numpy(float), both[f"{v}@b"].to_numpy(float)
@@ -216,6 +208,16 @@ def compare_ranking(run_a, run_b, resamples: int = 2000, seed: int = 0, names=("
             rows.append({"model": m, "metric": v, "n": len(both), "A": x.mean(), "B": y.mean(), "diff": y.mean() - x.mean(),
                          "lo": ci[0], "hi": ci[1], "verdict": verdict(ci, v)})
     return pd.DataFrame(rows, columns=["model", "metric", "n", "A", "B", "diff", "lo", "hi", "verdict"])
+
+def unpaired_rankings(run_a, run_b, names=("A", "B")) -> dict[str, str]:
+    "Models of both runs' ranking_users.parquet that the runs ranked for different users (or held-out movies), each with how they differ."
+    tables = _ranking_tables(run_a, run_b)
+    return {} if tables is None else _unpaired(*tables, names)
+
+def compare_ranking(run_a, run_b, resamples: int = 2000, seed: int = 0, names=("A", "B")) -> pd.DataFrame | None:
+    "Per model and per-user metric of both runs' ranking_users.parquet: users, A, B, B - A, its paired interval, B's verdict; models ranked for different users are left out (see `unpaired_rankings`)."
+    tables = _ranking_tables(run_a, run_b)
+    return None if tables is None else _compare_ranking_tables(*tables, _unpaired(*tables, names), resamples, seed)
 
 # %% ../nbs/13_report.ipynb #fd29cf0b
 @dataclass
@@ -238,10 +240,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path, plot: str | Path | None =
     pa, pb = _read_params(a), _read_params(b)
     params = pd.DataFrame([{"param": k, "A": pa.get(k), "B": pb.get(k)} for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)],
                           columns=["param", "A", "B"])
+    tables = _ranking_tables(a.root, b.root)   # read once: which tables pair up, and their comparison
+    unpaired = {} if tables is None else _unpaired(*tables, (a.root.name, b.root.name))
     cmp = Comparison(a.root.name, b.root.name, len(joined), params, compare_metrics(joined, models, COMPARED, resamples, seed),
                      compare_segments(joined, models, "rmse", resamples=resamples, seed=seed),
-                     compare_ranking(a.root, b.root, resamples, seed, (a.root.name, b.root.name)),
-                     unpaired_rankings(a.root, b.root, (a.root.name, b.root.name)))
+                     None if tables is None else _compare_ranking_tables(*tables, unpaired, resamples, seed), unpaired)
     if plot is not None:
         fig = plot_comparison(cmp)
         with atomic_path(Path(plot)) as tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
