@@ -19,9 +19,10 @@ log = get_logger(__name__)
 TINY = "tiny-llama"  # a base-model spec: `load_base(TINY)` gives `tiny_llama()` (seed 0) and SmolLM2's tokenizer
 
 # %% auto #0
-__all__ = ['log', 'TINY', 'resolve_base', 'load_tokenizer', 'smollm2_tokenizer', 'model_input', 'answer_token_ids',
-           'rating_token_ids', 'enjoy_token_ids', 'tiny_llama', 'rank_device', 'load_base', 'read_adapter_meta',
-           'adapter_tasks', 'quiet_peft', 'apply_adapter', 'adapter_tokenizer', 'load_adapter']
+__all__ = ['log', 'TINY', 'PADSAFE_ATTENTION', 'resolve_base', 'load_tokenizer', 'smollm2_tokenizer', 'model_input',
+           'answer_token_ids', 'rating_token_ids', 'enjoy_token_ids', 'padsafe_attention', 'tiny_llama', 'rank_device',
+           'load_base', 'read_adapter_meta', 'adapter_tasks', 'quiet_peft', 'apply_adapter', 'adapter_tokenizer',
+           'load_adapter']
 
 # %% ../nbs/03_model.ipynb #21ca0ded
 def resolve_base(base_model: str | os.PathLike | None = None) -> tuple[str, str | None]:
@@ -100,6 +101,31 @@ def enjoy_token_ids(tokenizer) -> list[int]:
     "Token ids of the second task's answers \" No\", \" Yes\" right after `model_input(..., ENJOY_PREFIX)`."
     return answer_token_ids(tokenizer, ENJOY_ANSWERS, ENJOY_PREFIX)
 
+# %% ../nbs/03_model.ipynb #55eb31ae
+PADSAFE_ATTENTION = "sdpa_padsafe"
+
+def _padsafe_sdpa_mask(*args, **kwargs):
+    "transformers' SDPA mask, where a query row that may attend to no key (a left pad) attends to every key."
+    from transformers.masking_utils import sdpa_mask
+    mask = sdpa_mask(*args, **kwargs)
+    import torch
+    if mask is None or mask.dtype != torch.bool: return mask  # None: causal without padding, SDPA's is_causal
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+@functools.cache
+def _register_padsafe_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(PADSAFE_ATTENTION, sdpa_attention_forward)
+    AttentionMaskInterface.register(PADSAFE_ATTENTION, _padsafe_sdpa_mask)
+    return PADSAFE_ATTENTION
+
+def padsafe_attention(model):
+    "`model`, switched from SDPA to `sdpa_padsafe` (no NaN from fully masked pad rows); other attention kernels are left alone."
+    if getattr(model.config, "_attn_implementation", None) == "sdpa": model.set_attn_implementation(_register_padsafe_attention())
+    return model
+
 # %% ../nbs/03_model.ipynb #34c62723
 def tiny_llama(tokenizer=None, seed: int = 0, **config_overrides):
     "A randomly initialised small `LlamaForCausalLM` with the tokenizer's (default SmolLM2's) vocabulary."
@@ -112,7 +138,7 @@ def tiny_llama(tokenizer=None, seed: int = 0, **config_overrides):
                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg.update(config_overrides)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    return padsafe_attention(LlamaForCausalLM(LlamaConfig(**cfg))).eval()
 
 # %% ../nbs/03_model.ipynb #c4132e7c
 def _pick_dtype(device: str, dtype=None):
@@ -166,6 +192,7 @@ def load_base(base_model=None, device: str | None = None, dtype=None, load_in_4b
     except OSError as e:
         raise MovierecError(f"Could not load the base model {base_model or name!r}: {e}. Pass a .gguf file, a model folder or a Hugging Face id you can reach.") from e
     if gguf_file: _clear_gguf_quantizer(model)
+    padsafe_attention(model)
     if not load_in_4bit: model.to(device)
     if model.config.pad_token_id is None: model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

@@ -42,8 +42,8 @@ __all__ = ['log', 'OBJECTIVES', 'SCHEDULERS', 'CPU_TRAIN_EXAMPLES', 'TRAIN_COLUM
            'TrainConfig', 'load_examples', 'tokenize_examples', 'examples_key', 'tokenize_cached', 'tokenize_splits',
            'Collator', 'answer_loss', 'build_model', 'longest_example', 'wrap_lora', 'run_fingerprint',
            'training_arguments', 'check_tracker', 'tracking_run', 'log_metrics_to_tracker', 'log_lines_callback',
-           'progress_as_log_lines', 'make_trainer', 'peak_rss_mb', 'fit', 'find_checkpoint', 'write_loss_log',
-           'save_outputs', 'check_out_dir', 'torchrun', 'launch', 'train']
+           'progress_as_log_lines', 'divergence_guard', 'diverged_error', 'make_trainer', 'peak_rss_mb', 'fit',
+           'find_checkpoint', 'write_loss_log', 'save_outputs', 'check_out_dir', 'torchrun', 'launch', 'train']
 
 # %% ../nbs/04_train.ipynb #7d155608
 OBJECTIVES = ("rating", "response", "expected_mse")
@@ -292,6 +292,7 @@ def training_arguments(cfg: TrainConfig, out_dir, device: str, has_val: bool, wo
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float below 1 as a share of the steps
         weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler,
         max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (not hidden as the running mean): divergence_guard stops on it
         eval_strategy="steps" if has_val else "no", eval_steps=cfg.eval_steps or cfg.save_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
@@ -452,6 +453,27 @@ def progress_as_log_lines() -> bool:
     "Whether progress is reported as log lines (`$MOVIEREC_PROGRESS=log`, set by `movierec run`) rather than tqdm bars."
     return os.environ.get("MOVIEREC_PROGRESS") == "log"
 
+# %% ../nbs/04_train.ipynb #3bae99ca
+def divergence_guard():
+    "A `TrainerCallback` that stops training at the first logged loss that is not finite; its `step` says where (None: never)."
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        step, grad_norm = None, None
+        def on_log(self, args, state, control, logs=None, **kw):
+            loss = (logs or {}).get("loss")
+            if self.step is None and loss is not None and not math.isfinite(loss):
+                self.step, self.grad_norm = state.global_step, (logs or {}).get("grad_norm")
+                control.should_training_stop = True
+    return DivergenceGuard()
+
+def diverged_error(step: int, grad_norm, bf16: bool, device: str) -> MovierecError:
+    "The error `fit` raises when the guard stopped a run: where, and what to try."
+    hint = "--bf16 false (float32 on the GPU), " if bf16 and device.startswith("cuda") else ""
+    return MovierecError(f"Training diverged: the loss was not finite at step {step} (gradient norm {grad_norm}), so no adapter "
+                         f"was saved; checkpoints from before it are under checkpoints/. Try {hint}a lower --learning-rate, "
+                         "or a smaller --max-grad-norm.")
+
 # %% ../nbs/04_train.ipynb #0f577bb0
 def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame | None, meta: dict, callbacks=(),
                  tracking: dict | None = None):
@@ -466,6 +488,7 @@ def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFram
                               objective=cfg.objective, rating_ids=rating_token_ids(tokenizer),
                               enjoy_ids=enjoy_token_ids(tokenizer) if cfg.enjoy_examples else ())
     trainer.add_callback(CheckpointMeta(trainer, meta))
+    trainer.add_callback(divergence_guard())
     if cfg.early_stopping_patience and val_df is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     if progress_as_log_lines():  # log lines instead of a bar, and instead of PrinterCallback's dicts on stdout
@@ -494,6 +517,9 @@ def fit(trainer, ckpt: Path | None = None) -> dict:
     t0 = time.perf_counter()
     quiet_peft(trainer.train, resume_from_checkpoint=str(ckpt) if ckpt else None)  # checkpoints are saved inside
     wall = time.perf_counter() - t0
+    guard = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "DivergenceGuard")
+    if guard.step is not None:
+        raise diverged_error(guard.step, guard.grad_norm, trainer.args.bf16, str(trainer.args.device))
     train_s = max(wall - trainer.eval_seconds, 1e-9)  # speeds are over training time only
     # the adapter kept is the best by validation loss; evaluate only if no evaluation ran during training
     has_val = trainer.eval_dataset is not None
