@@ -42,8 +42,9 @@ __all__ = ['log', 'OBJECTIVES', 'SCHEDULERS', 'CPU_TRAIN_EXAMPLES', 'TRAIN_COLUM
            'TrainConfig', 'load_examples', 'tokenize_examples', 'examples_key', 'tokenize_cached', 'tokenize_splits',
            'Collator', 'answer_loss', 'build_model', 'longest_example', 'wrap_lora', 'run_fingerprint',
            'training_arguments', 'check_tracker', 'tracking_run', 'log_metrics_to_tracker', 'log_lines_callback',
-           'progress_as_log_lines', 'divergence_guard', 'diverged_error', 'make_trainer', 'peak_rss_mb', 'fit',
-           'find_checkpoint', 'write_loss_log', 'save_outputs', 'check_out_dir', 'torchrun', 'launch', 'train']
+           'progress_as_log_lines', 'divergence_guard', 'TrainingDiverged', 'diverged_error', 'make_trainer',
+           'peak_rss_mb', 'fit', 'find_checkpoint', 'write_loss_log', 'save_outputs', 'check_out_dir', 'torchrun',
+           'launch', 'train']
 
 # %% ../nbs/04_train.ipynb #7d155608
 OBJECTIVES = ("rating", "response", "expected_mse")
@@ -467,10 +468,13 @@ def divergence_guard():
                 control.should_training_stop = True
     return DivergenceGuard()
 
-def diverged_error(step: int, grad_norm, bf16: bool, device: str) -> MovierecError:
+class TrainingDiverged(MovierecError, RuntimeError):
+    "Training stopped at a non-finite loss; a `RuntimeError` too, so that a tuning study marks the trial failed and goes on."
+
+def diverged_error(step: int, grad_norm, bf16: bool, device: str) -> TrainingDiverged:
     "The error `fit` raises when the guard stopped a run: where, and what to try."
     hint = "--bf16 false (float32 on the GPU), " if bf16 and device.startswith("cuda") else ""
-    return MovierecError(f"Training diverged: the loss was not finite at step {step} (gradient norm {grad_norm}), so no adapter "
+    return TrainingDiverged(f"Training diverged: the loss was not finite at step {step} (gradient norm {grad_norm}), so no adapter "
                          f"was saved; checkpoints from before it are under checkpoints/. Try {hint}a lower --learning-rate, "
                          "or a smaller --max-grad-norm.")
 

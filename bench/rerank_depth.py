@@ -1,0 +1,74 @@
+"""How deep should the language model re-rank the retriever's list? Run by hand, under the CPU lock:
+
+    flock /tmp/movierec-cpu.lock .venv/bin/python bench/rerank_depth.py --run runs/default [--users 200] [--out FILE.json]
+
+The evaluation's own users (or, with --offset, the users after them in its seeded order), relevant movies and item-kNN lists (`recommend.ranking_metrics`' protocol: each user's
+liked test movies among every movie they had not rated before their test period). The adapter scores each user's
+top `--candidates` once; every depth N up to it re-ranks the first N of the same list with those scores, by expected
+rating, P(rating >= 4) and that fused with item-kNN's order. Each row: NDCG@10, Recall@20 (ranx) and the paired
+bootstrap difference against item-kNN alone, on the same users; and the re-ranking seconds per user N candidates
+would cost (the measured per-candidate time times N: a candidate's tail is scored on its own after the shared prefix).
+"""
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from movierec.core import RunLayout, write_json
+from movierec.model import load_adapter
+from movierec.recommend import (RecommendConfig, _history, _lm_fn, _retrieve_all, _table, _test_start, evaluation_users,
+                                prepared_dataset, prompt_setting, rerank)
+from movierec.retrieve import fit_retrievers
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="a run folder (its data/ and adapter/)")
+    ap.add_argument("--users", type=int, default=200)
+    ap.add_argument("--offset", type=int, default=0, help="skip the evaluation's first N users (0: its own users; 200: other users, "
+                                                             "to choose a depth on without looking at the reported ones)")
+    ap.add_argument("--candidates", type=int, default=50, help="the deepest re-ranking measured; every depth below reuses its scores")
+    ap.add_argument("--depths", default="5,10,20,30,50")
+    ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--out", help="JSON file for the table")
+    args = ap.parse_args(argv)
+    run = RunLayout(args.run)
+    cfg = RecommendConfig(ranking_users=args.offset + args.users, rerank_n=args.candidates)
+    ml, ratings, template = prepared_dataset(run.data)
+    users = evaluation_users(ratings, cfg.ranking_users, cfg.seed)[args.offset:]
+    liked = ratings[(ratings.split == "test") & (ratings.rating >= 4)].groupby("user_id").movie_id.agg(set)
+    relevant = {u: liked[u] for u in users.tolist()}
+    w, fitted = fit_retrievers(_history(ratings, True), ml.movies.movie_id, ["itemknn"], cfg.neighbours, cfg.factors, cfg.seed)
+    lists = _retrieve_all(fitted, w, w.rows(users), w.user_index(users))["itemknn"]
+    model, tok = load_adapter(run.adapter, device="cpu")
+    lm = _lm_fn(model, tok, ml, ratings, template, _test_start(ratings), 16, prompt_setting(run.data, ml, ratings, template),
+                score_bf16=cfg.score_bf16)
+    scores, t0 = {}, time.perf_counter()
+    for i, u in enumerate(users.tolist()):
+        scores[u] = lm(u, lists[i][:args.candidates])
+        if (i + 1) % 25 == 0: print(f"{i + 1}/{len(users)} users scored, {(time.perf_counter() - t0) / (i + 1):.2f} s/user", flush=True)
+    per_candidate = (time.perf_counter() - t0) / (len(users) * args.candidates)
+    rankings = {"itemknn": dict(zip(users.tolist(), lists))}
+    for n in map(int, args.depths.split(",")):
+        for by, col, fuse in (("expected", "pred", False), ("liked", "p_liked", False), ("fused", "p_liked", True)):
+            rankings[f"itemknn+lora@{n}_{by}"] = {u: rerank(lists[i], scores[u][col], n, fuse=fuse) for i, u in enumerate(users.tolist())}
+    rows, _ = _table(rankings, relevant, len(ml.movies), args.resamples, cfg.seed)
+    table = []
+    for r in rows:
+        vs = r["vs"].get("itemknn", {})
+        depth = int(r["model"].split("@")[1].split("_")[0]) if "@" in r["model"] else 0
+        table.append({"model": r["model"], "users": r["users"], "ndcg@10": r["ndcg@10"], "recall@20": r["recall@20"],
+                      "ndcg@10 vs itemknn": vs.get("ndcg@10", {}).get("diff"), "ci95": vs.get("ndcg@10", {}).get("ci95"),
+                      "recall@20 vs itemknn": vs.get("recall@20", {}).get("diff"), "recall ci95": vs.get("recall@20", {}).get("ci95"),
+                      "rerank_s_per_user": round(per_candidate * depth, 2)})
+    df = pd.DataFrame(table)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(df.to_string(index=False))
+    print(f"{per_candidate:.3f} s per candidate (prefix included), {len(users)} users, bf16 {lm is not None}")
+    if args.out: write_json(Path(args.out), {"users": len(users), "s_per_candidate": per_candidate, "rows": table})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
