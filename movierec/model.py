@@ -106,9 +106,9 @@ PADSAFE_ATTENTION = "sdpa_padsafe"
 
 def _padsafe_sdpa_mask(*args, **kwargs):
     "transformers' SDPA mask, where a query row that may attend to no key (a left pad) attends to every key."
+    import torch
     from transformers.masking_utils import sdpa_mask
     mask = sdpa_mask(*args, **kwargs)
-    import torch
     if mask is None or mask.dtype != torch.bool: return mask  # None: causal without padding, SDPA's is_causal
     return mask | ~mask.any(dim=-1, keepdim=True)
 

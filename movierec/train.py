@@ -471,12 +471,12 @@ def divergence_guard():
 class TrainingDiverged(MovierecError, RuntimeError):
     "Training stopped at a non-finite loss; a `RuntimeError` too, so that a tuning study marks the trial failed and goes on."
 
-def diverged_error(step: int, grad_norm, bf16: bool, device: str) -> TrainingDiverged:
+def diverged_error(step: int, grad_norm, bf16: bool, device: str, checkpoints: str = "checkpoints/") -> TrainingDiverged:
     "The error `fit` raises when the guard stopped a run: where, and what to try."
     hint = "--bf16 false (float32 on the GPU), " if bf16 and device.startswith("cuda") else ""
     return TrainingDiverged(f"Training diverged: the loss was not finite at step {step} (gradient norm {grad_norm}), so no adapter "
-                         f"was saved; checkpoints from before it are under checkpoints/. Try {hint}a lower --learning-rate, "
-                         "or a smaller --max-grad-norm.")
+                            f"was saved (checkpoints saved before that step, if any, are in {checkpoints}). Try {hint}a lower "
+                            "--learning-rate, or a smaller --max-grad-norm.")
 
 # %% ../nbs/04_train.ipynb #0f577bb0
 def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame | None, meta: dict, callbacks=(),
@@ -523,7 +523,7 @@ def fit(trainer, ckpt: Path | None = None) -> dict:
     wall = time.perf_counter() - t0
     guard = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "DivergenceGuard")
     if guard.step is not None:
-        raise diverged_error(guard.step, guard.grad_norm, trainer.args.bf16, str(trainer.args.device))
+        raise diverged_error(guard.step, guard.grad_norm, trainer.args.bf16, str(trainer.args.device), trainer.args.output_dir)
     train_s = max(wall - trainer.eval_seconds, 1e-9)  # speeds are over training time only
     # the adapter kept is the best by validation loss; evaluate only if no evaluation ran during training
     has_val = trainer.eval_dataset is not None
