@@ -38,9 +38,10 @@ class RecommendConfig(Knobs):
     "Knobs of recommendation (retrieve, re-rank, explain) and of the ranking evaluation."
     top_k: int = knob(10, "how many movies to recommend", ge=1)
     retriever: Retriever = knob("itemknn", "the first stage of `recommend`: " + ", ".join(RETRIEVERS) + " (a new user: not bpr)")
-    rerank_n: int = knob(50, "the retriever's top N that the language model re-ranks; 0: keep the retriever's order", ge=0)
+    # 10 and fused: chosen on 200 users and checked on 200 others (bench/rerank_depth.py); deeper or unfused re-ranking lost NDCG@10
+    rerank_n: int = knob(10, "the retriever's top N that the language model re-ranks; 0: keep the retriever's order", ge=0)
     rerank_by: Literal["expected", "liked", "fused", "enjoy"] = knob(
-        "expected", "the language model's ranking score: expected rating, liked = P(rating >= 4), fused = liked's order and the "
+        "fused", "the language model's ranking score: expected rating, liked = P(rating >= 4), fused = liked's order and the "
         "retriever's, reciprocal-rank fused, or enjoy = P(Yes) of the second task (an adapter trained with enjoy_examples)")
     score_bf16: Literal["auto"] | bool = knob("auto", "bf16 for the language-model scores no Ollama row is compared with (the zero-shot "
                                               "row, re-ranking); auto: on CUDA GPUs and CPUs with bf16 kernels. The LoRA row stays fp32 on a CPU")

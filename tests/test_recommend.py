@@ -192,7 +192,7 @@ def test_smollm2_reranks_50_candidates_with_reasons(ml100k_prepared):
     "SmolLM2 re-ranks a user's 50 candidates (run under the CPU lock); the predictions join the reasons."
     from movierec.model import load_base
     model, tok = load_base(None)
-    top = recommend(RecommendConfig(top_k=10, rerank_n=50), ml100k_prepared, model, tok, user_id=42)
+    top = recommend(RecommendConfig(top_k=10, rerank_n=50, rerank_by="expected"), ml100k_prepared, model, tok, user_id=42)
     assert len(top) == 10 and top.pred.is_monotonic_decreasing and top.retriever_rank.max() <= 50
     assert np.allclose(top[["p1", "p2", "p3", "p4", "p5"]].sum(axis=1), 1)
     assert "predicted" in format_reasons(top) and "P(5)" in format_reasons(top)
