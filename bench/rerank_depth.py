@@ -18,8 +18,9 @@ import pandas as pd
 from movierec.core import RunLayout, write_json
 from movierec.model import load_adapter
 from movierec.recommend import (RecommendConfig, _history, _lm_fn, _retrieve_all, _table, _test_start, evaluation_users,
-                                prepared_dataset, prompt_setting, rerank)
+                                prepared_dataset, prompt_setting, relevant_movies, rerank)
 from movierec.retrieve import fit_retrievers
+from movierec.score import fast_bf16
 
 
 def main(argv=None) -> int:
@@ -37,8 +38,7 @@ def main(argv=None) -> int:
     cfg = RecommendConfig(ranking_users=args.offset + args.users, rerank_n=args.candidates)
     ml, ratings, template = prepared_dataset(run.data)
     users = evaluation_users(ratings, cfg.ranking_users, cfg.seed)[args.offset:]
-    liked = ratings[(ratings.split == "test") & (ratings.rating >= 4)].groupby("user_id").movie_id.agg(set)
-    relevant = {u: liked[u] for u in users.tolist()}
+    relevant = relevant_movies(ratings, users)
     w, fitted = fit_retrievers(_history(ratings, True), ml.movies.movie_id, ["itemknn"], cfg.neighbours, cfg.factors, cfg.seed)
     lists = _retrieve_all(fitted, w, w.rows(users), w.user_index(users))["itemknn"]
     model, tok = load_adapter(run.adapter, device="cpu")
@@ -49,23 +49,23 @@ def main(argv=None) -> int:
         scores[u] = lm(u, lists[i][:args.candidates])
         if (i + 1) % 25 == 0: print(f"{i + 1}/{len(users)} users scored, {(time.perf_counter() - t0) / (i + 1):.2f} s/user", flush=True)
     per_candidate = (time.perf_counter() - t0) / (len(users) * args.candidates)
-    rankings = {"itemknn": dict(zip(users.tolist(), lists))}
+    rankings, depth = {"itemknn": dict(zip(users.tolist(), lists))}, {"itemknn": 0}
     for n in map(int, args.depths.split(",")):
         for by, col, fuse in (("expected", "pred", False), ("liked", "p_liked", False), ("fused", "p_liked", True)):
-            rankings[f"itemknn+lora@{n}_{by}"] = {u: rerank(lists[i], scores[u][col], n, fuse=fuse) for i, u in enumerate(users.tolist())}
+            name = f"itemknn+lora@{n}_{by}"
+            rankings[name], depth[name] = {u: rerank(lists[i], scores[u][col], n, fuse=fuse) for i, u in enumerate(users.tolist())}, n
     rows, _ = _table(rankings, relevant, len(ml.movies), args.resamples, cfg.seed)
     table = []
     for r in rows:
         vs = r["vs"].get("itemknn", {})
-        depth = int(r["model"].split("@")[1].split("_")[0]) if "@" in r["model"] else 0
         table.append({"model": r["model"], "users": r["users"], "ndcg@10": r["ndcg@10"], "recall@20": r["recall@20"],
                       "ndcg@10 vs itemknn": vs.get("ndcg@10", {}).get("diff"), "ci95": vs.get("ndcg@10", {}).get("ci95"),
                       "recall@20 vs itemknn": vs.get("recall@20", {}).get("diff"), "recall ci95": vs.get("recall@20", {}).get("ci95"),
-                      "rerank_s_per_user": round(per_candidate * depth, 2)})
+                      "rerank_s_per_user": round(per_candidate * depth[r["model"]], 2)})
     df = pd.DataFrame(table)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(df.to_string(index=False))
-    print(f"{per_candidate:.3f} s per candidate (prefix included), {len(users)} users, bf16 {lm is not None}")
+    print(f"{per_candidate:.3f} s per candidate (prefix included), {len(users)} users, bf16 {fast_bf16(model, cfg.score_bf16)}")
     if args.out: write_json(Path(args.out), {"users": len(users), "s_per_candidate": per_candidate, "rows": table})
     return 0
 

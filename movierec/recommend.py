@@ -29,7 +29,7 @@ log = get_logger(__name__)
 # %% auto #0
 __all__ = ['log', 'Retriever', 'LM_SCORES', 'RRF_K', 'RANKING_METRICS', 'COLD_START_FOLD', 'RecommendConfig', 'prepared_dataset',
            'prompt_setting', 'match_titles', 'with_liked_user', 'lm_scores', 'rerank', 'recommend', 'per_user_metrics',
-           'coverage', 'ranking_table', 'evaluation_users', 'ranking_metrics']
+           'coverage', 'ranking_table', 'evaluation_users', 'relevant_movies', 'ranking_metrics']
 
 # %% ../nbs/12_recommend.ipynb #824253b6
 Retriever = Literal["popularity", "itemknn", "als", "bpr"]
@@ -229,6 +229,11 @@ def evaluation_users(ratings: pd.DataFrame, n: int, seed: int) -> np.ndarray:
     users = np.intersect1d(test.user_id.unique(), ratings[ratings.split != "test"].user_id.unique())
     return np.random.default_rng(seed).permutation(users)[:n]
 
+def relevant_movies(ratings: pd.DataFrame, users) -> dict:
+    "{user_id: the movies that user rated 4 or more in the test period}: what a ranking of `users` is scored against."
+    liked = ratings[(ratings.split == "test") & (ratings.rating >= 4)].groupby("user_id").movie_id.agg(set)
+    return {u: liked[u] for u in np.asarray(users).tolist()}
+
 # %% ../nbs/12_recommend.ipynb #051f8cbe
 def _retrieve_all(fitted: dict, w, rows, index) -> dict:
     "{retriever: {row position: movie ids of the unseen catalogue, best first}}."
@@ -332,8 +337,7 @@ def ranking_metrics(cfg: RecommendConfig, data_dir: str | Path, model=None, toke
     users = evaluation_users(ratings, cfg.ranking_users, cfg.seed)
     if not len(users): raise MovierecError(f"No user of {data_dir} has a test rating of 4 or more; the ranking metrics need some.")
     starts = _test_start(ratings)
-    liked = ratings[(ratings.split == "test") & (ratings.rating >= 4)].groupby("user_id").movie_id.agg(set)
-    relevant = {u: liked[u] for u in users.tolist()}
+    relevant = relevant_movies(ratings, users)
     names = list(dict.fromkeys([*cfg.retrievers, *cfg.rerank_retrievers]))
     catalogue = len(ml.movies)
     t0 = time.perf_counter()

@@ -492,7 +492,8 @@ def make_trainer(model, tokenizer, args, cfg: TrainConfig, train_df: pd.DataFram
                               objective=cfg.objective, rating_ids=rating_token_ids(tokenizer),
                               enjoy_ids=enjoy_token_ids(tokenizer) if cfg.enjoy_examples else ())
     trainer.add_callback(CheckpointMeta(trainer, meta))
-    trainer.add_callback(divergence_guard())
+    trainer.divergence_guard = divergence_guard()  # fit reads where it stopped
+    trainer.add_callback(trainer.divergence_guard)
     if cfg.early_stopping_patience and val_df is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     if progress_as_log_lines():  # log lines instead of a bar, and instead of PrinterCallback's dicts on stdout
@@ -521,7 +522,7 @@ def fit(trainer, ckpt: Path | None = None) -> dict:
     t0 = time.perf_counter()
     quiet_peft(trainer.train, resume_from_checkpoint=str(ckpt) if ckpt else None)  # checkpoints are saved inside
     wall = time.perf_counter() - t0
-    guard = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "DivergenceGuard")
+    guard = trainer.divergence_guard
     if guard.step is not None:
         raise diverged_error(guard.step, guard.grad_norm, trainer.args.bf16, str(trainer.args.device), trainer.args.output_dir)
     train_s = max(wall - trainer.eval_seconds, 1e-9)  # speeds are over training time only
