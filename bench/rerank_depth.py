@@ -1,6 +1,8 @@
 """How deep should the language model re-rank the retriever's list? Run by hand, under the CPU lock:
 
     flock /tmp/movierec-cpu.lock .venv/bin/python bench/rerank_depth.py --run runs/default [--users 200] [--out FILE.json]
+    # every eligible user, scored once, reported by group (the depth was chosen on users 200-400):
+    ... --users 829 --candidates 10 --depths 5,10 --groups "reported=0:200,chosen-on=200:400,held-out=0:200+400:829"
 
 The evaluation's own users (or, with --offset, the users after them in its seeded order), relevant movies and item-kNN lists (`recommend.ranking_metrics`' protocol: each user's
 liked test movies among every movie they had not rated before their test period). The adapter scores each user's
@@ -32,7 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", type=int, default=50, help="the deepest re-ranking measured; every depth below reuses its scores")
     ap.add_argument("--depths", default="5,10,20,30,50")
     ap.add_argument("--resamples", type=int, default=2000)
-    ap.add_argument("--out", help="JSON file for the table")
+    ap.add_argument("--groups", default=None, help="tables for groups of the scored users, by position in the evaluation's seeded "
+                                                 "order: 'name=a:b+c:d,...' (default: one table of them all)")
+    ap.add_argument("--out", help="JSON file for the table(s)")
     args = ap.parse_args(argv)
     run = RunLayout(args.run)
     cfg = RecommendConfig(ranking_users=args.offset + args.users, rerank_n=args.candidates)
@@ -54,20 +58,42 @@ def main(argv=None) -> int:
         for by, col, fuse in (("expected", "pred", False), ("liked", "p_liked", False), ("fused", "p_liked", True)):
             name = f"itemknn+lora@{n}_{by}"
             rankings[name], depth[name] = {u: rerank(lists[i], scores[u][col], n, fuse=fuse) for i, u in enumerate(users.tolist())}, n
-    rows, _ = _table(rankings, relevant, len(ml.movies), args.resamples, cfg.seed)
-    table = []
-    for r in rows:
-        vs = r["vs"].get("itemknn", {})
-        table.append({"model": r["model"], "users": r["users"], "ndcg@10": r["ndcg@10"], "recall@20": r["recall@20"],
-                      "ndcg@10 vs itemknn": vs.get("ndcg@10", {}).get("diff"), "ci95": vs.get("ndcg@10", {}).get("ci95"),
-                      "recall@20 vs itemknn": vs.get("recall@20", {}).get("diff"), "recall ci95": vs.get("recall@20", {}).get("ci95"),
-                      "rerank_s_per_user": round(per_candidate * depth[r["model"]], 2)})
-    df = pd.DataFrame(table)
-    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
-        print(df.to_string(index=False))
+    tables = {}
+    for group, members in _groups(args.groups, args.offset, users).items():
+        rows, _ = _table({m: {u: r[u] for u in members} for m, r in rankings.items()}, {u: relevant[u] for u in members},
+                         len(ml.movies), args.resamples, cfg.seed)
+        table = []
+        for r in rows:
+            vs = r["vs"].get("itemknn", {})
+            table.append({"model": r["model"], "users": r["users"], "ndcg@10": r["ndcg@10"], "recall@20": r["recall@20"],
+                          "ndcg@10 vs itemknn": vs.get("ndcg@10", {}).get("diff"), "ci95": vs.get("ndcg@10", {}).get("ci95"),
+                          "recall@20 vs itemknn": vs.get("recall@20", {}).get("diff"), "recall ci95": vs.get("recall@20", {}).get("ci95"),
+                          "rerank_s_per_user": round(per_candidate * depth[r["model"]], 2)})
+        tables[group] = table
+        print(f"\n{group}: {len(members)} users")
+        with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+            print(pd.DataFrame(table).to_string(index=False))
     print(f"{per_candidate:.3f} s per candidate (prefix included), {len(users)} users, bf16 {fast_bf16(model, cfg.score_bf16)}")
-    if args.out: write_json(Path(args.out), {"users": len(users), "s_per_candidate": per_candidate, "rows": table})
+    if args.out: write_json(Path(args.out), {"users": len(users), "s_per_candidate": per_candidate, "tables": tables})
     return 0
+
+
+def _groups(spec: str | None, offset: int, users) -> dict:
+    "{group name: its user ids}, from 'name=a:b+c:d,...' (positions in the evaluation's seeded order, offset included)."
+    order = users.tolist()
+    if not spec: return {"all": order}
+    out = {}
+    for part in spec.split(","):
+        name, _, ranges = part.partition("=")
+        members = []
+        for r in ranges.split("+"):
+            a, _, b = r.partition(":")
+            lo, hi = int(a or offset) - offset, (int(b) - offset if b else len(order))
+            if lo < 0 or hi > len(order) or lo >= hi:
+                raise SystemExit(f"--groups {part!r}: {r!r} is not within the scored positions {offset}:{offset + len(order)}")
+            members += order[lo:hi]
+        out[name.strip()] = members
+    return out
 
 
 if __name__ == "__main__":
