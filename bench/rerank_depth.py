@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--groups", default=None, help="tables for groups of the scored users, by position in the evaluation's seeded "
                                                  "order: 'name=a:b+c:d,...' (default: one table of them all)")
+    ap.add_argument("--scores", help="parquet file of the adapter's scores of each user's candidates: written after scoring, "
+                                     "read instead of scoring when it exists (to try other re-rankings of the same scores)")
     ap.add_argument("--out", help="JSON file for the table(s)")
     args = ap.parse_args(argv)
     run = RunLayout(args.run)
@@ -45,14 +47,28 @@ def main(argv=None) -> int:
     relevant = relevant_movies(ratings, users)
     w, fitted = fit_retrievers(_history(ratings, True), ml.movies.movie_id, ["itemknn"], cfg.neighbours, cfg.factors, cfg.seed)
     lists = _retrieve_all(fitted, w, w.rows(users), w.user_index(users))["itemknn"]
-    model, tok = load_adapter(run.adapter, device="cpu")
-    lm = _lm_fn(model, tok, ml, ratings, template, _test_start(ratings), 16, prompt_setting(run.data, ml, ratings, template),
-                score_bf16=cfg.score_bf16)
-    scores, t0 = {}, time.perf_counter()
-    for i, u in enumerate(users.tolist()):
-        scores[u] = lm(u, lists[i][:args.candidates])
-        if (i + 1) % 25 == 0: print(f"{i + 1}/{len(users)} users scored, {(time.perf_counter() - t0) / (i + 1):.2f} s/user", flush=True)
-    per_candidate = (time.perf_counter() - t0) / (len(users) * args.candidates)
+    saved = Path(args.scores) if args.scores else None
+    if saved and saved.exists():
+        frame = pd.read_parquet(saved)
+        scores = {u: g.drop(columns="user_id").set_index("movie_id") for u, g in frame.groupby("user_id")}
+        missing = [u for i, u in enumerate(users.tolist()) if u not in scores or len(scores[u]) < min(args.candidates, len(lists[i]))]
+        if missing: raise SystemExit(f"{saved} lacks the scores of {len(missing)} of these users (e.g. {missing[:3]}); delete it to rescore")
+        per_candidate, bf16 = float(frame.attrs.get("s_per_candidate", "nan")), frame.attrs.get("bf16")
+    else:
+        model, tok = load_adapter(run.adapter, device="cpu")
+        bf16 = fast_bf16(model, cfg.score_bf16)
+        lm = _lm_fn(model, tok, ml, ratings, template, _test_start(ratings), 16, prompt_setting(run.data, ml, ratings, template),
+                    score_bf16=cfg.score_bf16)
+        scores, t0 = {}, time.perf_counter()
+        for i, u in enumerate(users.tolist()):
+            scores[u] = lm(u, lists[i][:args.candidates])
+            if (i + 1) % 25 == 0: print(f"{i + 1}/{len(users)} users scored, {(time.perf_counter() - t0) / (i + 1):.2f} s/user", flush=True)
+        per_candidate = (time.perf_counter() - t0) / (len(users) * args.candidates)
+        if saved:
+            frame = pd.concat([s.rename_axis("movie_id").reset_index().assign(user_id=u) for u, s in scores.items()], ignore_index=True)
+            frame.attrs.update(s_per_candidate=per_candidate, bf16=bf16)
+            tmp = saved.with_name(saved.name + ".tmp")
+            frame.to_parquet(tmp); tmp.replace(saved)
     rankings, depth = {"itemknn": dict(zip(users.tolist(), lists))}, {"itemknn": 0}
     for n in map(int, args.depths.split(",")):
         for by, col, fuse in (("expected", "pred", False), ("liked", "p_liked", False), ("fused", "p_liked", True)):
@@ -73,7 +89,7 @@ def main(argv=None) -> int:
         print(f"\n{group}: {len(members)} users")
         with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
             print(pd.DataFrame(table).to_string(index=False))
-    print(f"{per_candidate:.3f} s per candidate (prefix included), {len(users)} users, bf16 {fast_bf16(model, cfg.score_bf16)}")
+    print(f"{per_candidate:.3f} s per candidate (prefix included), {len(users)} users, bf16 {bf16}")
     if args.out: write_json(Path(args.out), {"users": len(users), "s_per_candidate": per_candidate, "tables": tables})
     return 0
 
