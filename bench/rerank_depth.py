@@ -15,11 +15,12 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from movierec.core import RunLayout, write_json
 from movierec.model import load_adapter
-from movierec.recommend import (RecommendConfig, _history, _lm_fn, _retrieve_all, _table, _test_start, evaluation_users,
+from movierec.recommend import (RRF_K, RecommendConfig, _history, _lm_fn, _retrieve_all, _table, _test_start, evaluation_users,
                                 prepared_dataset, prompt_setting, relevant_movies, rerank)
 from movierec.retrieve import fit_retrievers
 from movierec.score import fast_bf16
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
                                                              "to choose a depth on without looking at the reported ones)")
     ap.add_argument("--candidates", type=int, default=50, help="the deepest re-ranking measured; every depth below reuses its scores")
     ap.add_argument("--depths", default="5,10,20,30,50")
+    ap.add_argument("--fuse-weights", default="", help="also fuse with these weights of the model's reciprocal rank against "
+                                                      "item-kNN's (1: the library's fused), e.g. 0.5,2: choose one on other users")
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--groups", default=None, help="tables for groups of the scored users, by position in the evaluation's seeded "
                                                  "order: 'name=a:b+c:d,...' (default: one table of them all)")
@@ -74,6 +77,9 @@ def main(argv=None) -> int:
         for by, col, fuse in (("expected", "pred", False), ("liked", "p_liked", False), ("fused", "p_liked", True)):
             name = f"itemknn+lora@{n}_{by}"
             rankings[name], depth[name] = {u: rerank(lists[i], scores[u][col], n, fuse=fuse) for i, u in enumerate(users.tolist())}, n
+        for wt in [float(x) for x in args.fuse_weights.split(",") if x]:
+            name = f"itemknn+lora@{n}_fused_w{wt:g}"
+            rankings[name], depth[name] = {u: _weighted_fuse(lists[i], scores[u]["p_liked"], n, wt) for i, u in enumerate(users.tolist())}, n
     tables = {}
     for group, members in _groups(args.groups, args.offset, users).items():
         rows, _ = _table({m: {u: r[u] for u in members} for m, r in rankings.items()}, {u: relevant[u] for u in members},
@@ -92,6 +98,14 @@ def main(argv=None) -> int:
     print(f"{per_candidate:.3f} s per candidate (prefix included), {len(users)} users, bf16 {bf16}")
     if args.out: write_json(Path(args.out), {"users": len(users), "s_per_candidate": per_candidate, "tables": tables})
     return 0
+
+
+def _weighted_fuse(ranking, score: pd.Series, n: int, weight: float):
+    "`recommend.rerank(..., fuse=True)` with the model's reciprocal rank weighted by `weight` against the retriever's."
+    head = ranking[:n]
+    by_score = np.empty(len(head)); by_score[np.argsort(-score.reindex(head).to_numpy(float), kind="stable")] = np.arange(len(head))
+    order = np.argsort(-(1 / (RRF_K + 1 + np.arange(len(head))) + weight / (RRF_K + 1 + by_score)), kind="stable")
+    return np.r_[head[order], ranking[n:]]
 
 
 def _groups(spec: str | None, offset: int, users) -> dict:
