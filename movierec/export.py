@@ -20,16 +20,26 @@ from .model import model_input, read_adapter_meta, resolve_base
 from .prompts import RATING_PREFIX
 
 # %% auto #0
-__all__ = ['GGUF_NAMES', 'SUPPORTED_ARCHS', 'QK_HEADS', 'FILE_TYPES', 'gguf_info', 'random_adapter', 'adapter_base',
-           'base_gguf_of', 'permute_qk', 'lora_tensors', 'export_adapter_gguf', 'export_base_gguf',
+__all__ = ['GGUF_NAMES', 'SUPPORTED_ARCHS', 'QK_HEADS', 'FILE_TYPES', 'gguf_reader', 'gguf_info', 'random_adapter',
+           'adapter_base', 'base_gguf_of', 'permute_qk', 'lora_tensors', 'export_adapter_gguf', 'export_base_gguf',
            'export_merged_gguf', 'render_chat', 'ollama_template', 'chat_template_of', 'write_llama_gguf',
            'num_ctx_for', 'write_modelfile']
 
 # %% ../nbs/07_export.ipynb #6e72775f
 @functools.lru_cache(maxsize=4)
-def _gguf_info(path: str, mtime: float) -> dict:
+def _reader(path: str, mtime_ns: int, size: int):
     import gguf
-    try: r = gguf.GGUFReader(path)
+    return gguf.GGUFReader(path)
+
+def gguf_reader(path: str | os.PathLike):
+    """`path` parsed by `gguf.GGUFReader`, once per process while the file is unchanged: parsing SmolLM2's vocabulary takes
+    about 5 s, and a deploy reads the base three times (adapter shapes, base copy, merged copy)."""
+    p = Path(path).resolve(); st = p.stat()
+    return _reader(str(p), st.st_mtime_ns, st.st_size)
+
+@functools.lru_cache(maxsize=4)
+def _gguf_info(path: str, mtime: float) -> dict:
+    try: r = gguf_reader(path)
     except (OSError, ValueError) as e: raise MovierecError(f"{path} is not a readable GGUF file ({e}).") from e
     f = lambda k: r.fields[k].contents() if k in r.fields else None
     arch = f("general.architecture")
@@ -188,7 +198,7 @@ def _write_gguf_copy(base_gguf, out_path, file_type: str = "f16", deltas: dict |
     import gguf
     if file_type not in FILE_TYPES: raise MovierecError(f"file_type must be one of {', '.join(FILE_TYPES)}, not {file_type!r}.")
     qtype, ftype, dtype = FILE_TYPES[file_type]
-    r = gguf.GGUFReader(base_gguf)
+    r = gguf_reader(base_gguf)
     arch = r.fields["general.architecture"].contents()
     if r.get_field("general.type") and r.get_field("general.type").contents() == "adapter":
         raise MovierecError(f"{base_gguf} is a LoRA adapter, not a base model.")
@@ -278,8 +288,7 @@ def ollama_template(chat_template: str, bos_token: str = "", eos_token: str = ""
 # %% ../nbs/07_export.ipynb #75ff1c6f
 def chat_template_of(base_gguf, answer_prefix: str = RATING_PREFIX) -> tuple[str, list[str]]:
     "(Ollama TEMPLATE, stop sequences) reproducing `model.model_input` for a GGUF base, whatever its chat format."
-    import gguf
-    r = gguf.GGUFReader(base_gguf)
+    r = gguf_reader(base_gguf)
     f = lambda k: r.fields[k].contents() if k in r.fields else None
     tokens = r.fields["tokenizer.ggml.tokens"] if "tokenizer.ggml.tokens" in r.fields else None
     token = lambda k: str(tokens.contents(f(k))) if tokens is not None and f(k) is not None else ""
@@ -299,7 +308,7 @@ def write_llama_gguf(model, out_path: str | os.PathLike, tokenizer_gguf: str | o
     import gguf
     cfg = model.config
     tokenizer_gguf = tokenizer_gguf or base_model_path()
-    tok = gguf.GGUFReader(tokenizer_gguf)
+    tok = gguf_reader(tokenizer_gguf)
     if len(tok.fields["tokenizer.ggml.tokens"].contents()) != cfg.vocab_size:
         raise MovierecError(f"{tokenizer_gguf}'s vocabulary does not have the model's {cfg.vocab_size} tokens.")
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}

@@ -19,10 +19,10 @@ log = get_logger(__name__)
 TINY = "tiny-llama"  # a base-model spec: `load_base(TINY)` gives `tiny_llama()` (seed 0) and SmolLM2's tokenizer
 
 # %% auto #0
-__all__ = ['log', 'TINY', 'PADSAFE_ATTENTION', 'resolve_base', 'load_tokenizer', 'smollm2_tokenizer', 'model_input',
-           'answer_token_ids', 'rating_token_ids', 'enjoy_token_ids', 'padsafe_attention', 'tiny_llama', 'rank_device',
-           'load_base', 'read_adapter_meta', 'adapter_tasks', 'quiet_peft', 'apply_adapter', 'adapter_tokenizer',
-           'load_adapter']
+__all__ = ['log', 'TINY', 'PADSAFE_ATTENTION', 'GGUF_CACHE_MAX_BYTES', 'resolve_base', 'load_tokenizer', 'smollm2_tokenizer',
+           'model_input', 'answer_token_ids', 'rating_token_ids', 'enjoy_token_ids', 'padsafe_attention', 'tiny_llama',
+           'rank_device', 'gguf_float_cache', 'load_base', 'read_adapter_meta', 'adapter_tasks', 'quiet_peft',
+           'apply_adapter', 'adapter_tokenizer', 'load_adapter']
 
 # %% ../nbs/03_model.ipynb #21ca0ded
 def resolve_base(base_model: str | os.PathLike | None = None) -> tuple[str, str | None]:
@@ -163,6 +163,32 @@ def rank_device(device: str) -> str:
     torch.cuda.set_device(local)
     return f"cuda:{local}"
 
+# %% ../nbs/03_model.ipynb #d06dbb3b
+GGUF_CACHE_MAX_BYTES = 512 << 20
+
+def gguf_float_cache(src: str | os.PathLike) -> Path:
+    "The folder where the dequantized float32 weights of the GGUF file `src` are kept (`$MOVIEREC_DATA/cache/models/...`)."
+    src = Path(src); st = src.stat()
+    return data_dir() / "cache" / "models" / f"{src.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+def _load_gguf_model(name: str, gguf_file: str, kw: dict):
+    "A GGUF's model, read from its float32 cache (written by the first load of a small GGUF) or from the file itself."
+    import torch
+    from transformers import AutoModelForCausalLM
+    src = Path(name) / gguf_file
+    cached = gguf_float_cache(src)
+    if (cached / "config.json").is_file(): return AutoModelForCausalLM.from_pretrained(cached, **kw)
+    if src.stat().st_size > GGUF_CACHE_MAX_BYTES:
+        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **kw)
+        _clear_gguf_quantizer(model)
+        return model
+    model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **{**kw, "dtype": torch.float32})
+    _clear_gguf_quantizer(model)
+    try:
+        with atomic_path(cached, is_dir=True) as tmp: model.save_pretrained(tmp)
+    except OSError as e: log.warning("could not cache the weights of %s in %s: %s", src, cached, e)
+    return model.to(kw["dtype"])
+
 # %% ../nbs/03_model.ipynb #6b0003d1
 def load_base(base_model=None, device: str | None = None, dtype=None, load_in_4bit: bool = False):
     "Load `(model, tokenizer)`: the default SmolLM2 GGUF, a `.gguf`, a folder, a Hugging Face id, or `\"tiny-llama\"`."
@@ -187,11 +213,10 @@ def load_base(base_model=None, device: str | None = None, dtype=None, load_in_4b
         kw["device_map"] = {"": device}
     tokenizer = load_tokenizer(base_model)
     try:
-        if gguf_file: model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **kw)
+        if gguf_file: model = _load_gguf_model(name, gguf_file, kw)
         else: model = AutoModelForCausalLM.from_pretrained(name, **kw)
     except OSError as e:
         raise MovierecError(f"Could not load the base model {base_model or name!r}: {e}. Pass a .gguf file, a model folder or a Hugging Face id you can reach.") from e
-    if gguf_file: _clear_gguf_quantizer(model)
     padsafe_attention(model)
     if not load_in_4bit: model.to(device)
     if model.config.pad_token_id is None: model.config.pad_token_id = tokenizer.pad_token_id

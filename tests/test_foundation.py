@@ -75,9 +75,9 @@ def test_movielens_100k_is_present(ml100k_dir):
 @pytest.mark.slow
 def test_base_gguf_generates_text(base_gguf):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(base_gguf.parent, gguf_file=base_gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(base_gguf.parent, gguf_file=base_gguf.name)
+
+    from movierec.model import load_base
+    model, tok = load_base(base_gguf, device="cpu")
     text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                    tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt")
@@ -85,6 +85,32 @@ def test_base_gguf_generates_text(base_gguf):
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_gguf_weights_load_from_their_float_cache(base_gguf, tmp_path, monkeypatch):
+    "The first load of a small GGUF keeps its float32 weights; later loads read them, not the file, and get the same numbers."
+    import os
+
+    import torch
+
+    from movierec.model import gguf_float_cache, load_base
+    monkeypatch.setenv("MOVIEREC_DATA", str(tmp_path / "data"))
+    gguf = tmp_path / base_gguf.name
+    shutil.copy(base_gguf, gguf)
+    first, _ = load_base(gguf, device="cpu")
+    assert (gguf_float_cache(gguf) / "config.json").is_file()
+    st = gguf.stat()
+    gguf.write_bytes(b"\0" * st.st_size)                     # same name, size and time: only the cache can answer now
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again, _ = load_base(gguf, device="cpu")
+    a, b = first.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.config.tie_word_embeddings and again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    half, _ = load_base(gguf, device="cpu", dtype="bfloat16")
+    assert torch.equal(half.model.layers[3].mlp.down_proj.weight, a["model.layers.3.mlp.down_proj.weight"].to(torch.bfloat16))
+    ids = torch.tensor([[1, 504, 3458, 282, 4649]])
+    with torch.no_grad(): torch.testing.assert_close(first(ids).logits, again(ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.slow
