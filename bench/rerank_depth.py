@@ -15,12 +15,11 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from movierec.core import RunLayout, write_json
 from movierec.model import load_adapter
-from movierec.recommend import (RRF_K, RecommendConfig, _history, _lm_fn, _retrieve_all, _table, _test_start, evaluation_users,
+from movierec.recommend import (RecommendConfig, _history, _lm_fn, _retrieve_all, _table, _test_start, evaluation_users,
                                 prepared_dataset, prompt_setting, relevant_movies, rerank)
 from movierec.retrieve import fit_retrievers
 from movierec.score import fast_bf16
@@ -79,7 +78,8 @@ def main(argv=None) -> int:
             rankings[name], depth[name] = {u: rerank(lists[i], scores[u][col], n, fuse=fuse) for i, u in enumerate(users.tolist())}, n
         for wt in [float(x) for x in args.fuse_weights.split(",") if x]:
             name = f"itemknn+lora@{n}_fused_w{wt:g}"
-            rankings[name], depth[name] = {u: _weighted_fuse(lists[i], scores[u]["p_liked"], n, wt) for i, u in enumerate(users.tolist())}, n
+            rankings[name], depth[name] = {u: rerank(lists[i], scores[u]["p_liked"], n, fuse=True, weight=wt)
+                                           for i, u in enumerate(users.tolist())}, n
     tables = {}
     for group, members in _groups(args.groups, args.offset, users).items():
         rows, _ = _table({m: {u: r[u] for u in members} for m, r in rankings.items()}, {u: relevant[u] for u in members},
@@ -98,14 +98,6 @@ def main(argv=None) -> int:
     print(f"{per_candidate:.3f} s per candidate (prefix included), {len(users)} users, bf16 {bf16}")
     if args.out: write_json(Path(args.out), {"users": len(users), "s_per_candidate": per_candidate, "tables": tables})
     return 0
-
-
-def _weighted_fuse(ranking, score: pd.Series, n: int, weight: float):
-    "`recommend.rerank(..., fuse=True)` with the model's reciprocal rank weighted by `weight` against the retriever's."
-    head = ranking[:n]
-    by_score = np.empty(len(head)); by_score[np.argsort(-score.reindex(head).to_numpy(float), kind="stable")] = np.arange(len(head))
-    order = np.argsort(-(1 / (RRF_K + 1 + np.arange(len(head))) + weight / (RRF_K + 1 + by_score)), kind="stable")
-    return np.r_[head[order], ranking[n:]]
 
 
 def _groups(spec: str | None, offset: int, users) -> dict:

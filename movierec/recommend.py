@@ -119,14 +119,14 @@ def lm_scores(model, tokenizer, ml: MovieLens, ratings: pd.DataFrame, user_id: i
 # %% ../nbs/12_recommend.ipynb #9b44ff07
 RRF_K = 60
 
-def rerank(ranking: np.ndarray, score: pd.Series, n: int, fuse: bool = False) -> np.ndarray:
+def rerank(ranking: np.ndarray, score: pd.Series, n: int, fuse: bool = False, weight: float = 1.0) -> np.ndarray:
     """`ranking` (movie ids, best first) with its first `n` sorted by `score` (indexed by movie id), descending, or with `fuse` by
-    the reciprocal-rank fusion of that order and the retriever's; the rest unchanged."""
+    the reciprocal-rank fusion of that order (its reciprocal ranks times `weight`) and the retriever's; the rest unchanged."""
     head = ranking[:n]
     order = np.argsort(-score.reindex(head).to_numpy(float), kind="stable")
     if fuse:
         by_score = np.empty(len(head)); by_score[order] = np.arange(len(head))
-        order = np.argsort(-(1 / (RRF_K + 1 + np.arange(len(head))) + 1 / (RRF_K + 1 + by_score)), kind="stable")
+        order = np.argsort(-(1 / (RRF_K + 1 + np.arange(len(head))) + weight / (RRF_K + 1 + by_score)), kind="stable")
     return np.r_[head[order], ranking[n:]]
 
 # %% ../nbs/12_recommend.ipynb #cb52b5e0
