@@ -184,8 +184,9 @@ def _load_gguf_model(name: str, gguf_file: str, kw: dict):
         return model
     model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **{**kw, "dtype": torch.float32})
     _clear_gguf_quantizer(model)
-    try:
-        with atomic_path(cached, is_dir=True) as tmp: model.save_pretrained(tmp)
+    try:   # unless another process cached it meanwhile (replacing a folder someone may be reading)
+        if not (cached / "config.json").is_file():
+            with atomic_path(cached, is_dir=True) as tmp: model.save_pretrained(tmp)
     except OSError as e: log.warning("could not cache the weights of %s in %s: %s", src, cached, e)
     return model.to(kw["dtype"])
 
