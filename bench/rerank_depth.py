@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from movierec.core import RunLayout, write_json
+from movierec.core import RunLayout, atomic_path, write_json
 from movierec.model import load_adapter
 from movierec.recommend import (RecommendConfig, _history, _lm_fn, _retrieve_all, _table, _test_start, evaluation_users,
                                 prepared_dataset, prompt_setting, relevant_movies, rerank)
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
         if saved:
             frame = pd.concat([s.rename_axis("movie_id").reset_index().assign(user_id=u) for u, s in scores.items()], ignore_index=True)
             frame.attrs.update(s_per_candidate=per_candidate, bf16=bf16)
-            tmp = saved.with_name(saved.name + ".tmp")
-            frame.to_parquet(tmp); tmp.replace(saved)
+            with atomic_path(saved) as tmp: frame.to_parquet(tmp)
     rankings, depth = {"itemknn": dict(zip(users.tolist(), lists))}, {"itemknn": 0}
     for n in map(int, args.depths.split(",")):
         for by, col, fuse in (("expected", "pred", False), ("liked", "p_liked", False), ("fused", "p_liked", True)):

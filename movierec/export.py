@@ -37,23 +37,19 @@ def gguf_reader(path: str | os.PathLike):
     p = Path(path).resolve(); st = p.stat()
     return _reader(str(p), st.st_mtime_ns, st.st_size)
 
-@functools.lru_cache(maxsize=4)
-def _gguf_info(path: str, mtime: float) -> dict:
-    try: r = gguf_reader(path)
-    except (OSError, ValueError) as e: raise MovierecError(f"{path} is not a readable GGUF file ({e}).") from e
-    f = lambda k: r.fields[k].contents() if k in r.fields else None
-    arch = f("general.architecture")
-    return {"path": path, "architecture": arch, "type": f("general.type") or "model",
-            "n_head": f(f"{arch}.attention.head_count"), "n_head_kv": f(f"{arch}.attention.head_count_kv"),
-            "n_layer": f(f"{arch}.block_count"), "context_length": f(f"{arch}.context_length"),
-            "file_type": f("general.file_type"),
-            "shapes": {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}}  # ggml order: (in, out)
-
 def gguf_info(path: str | os.PathLike) -> dict:
     "Architecture, head counts, layer count and tensor shapes (ggml order) of a GGUF file."
     p = Path(path)
     if not p.is_file(): raise MovierecError(f"GGUF file {p} does not exist; pass the base model's .gguf path.")
-    return _gguf_info(str(p.resolve()), p.stat().st_mtime)
+    try: r = gguf_reader(p)
+    except (OSError, ValueError) as e: raise MovierecError(f"{p.resolve()} is not a readable GGUF file ({e}).") from e
+    f = lambda k: r.fields[k].contents() if k in r.fields else None
+    arch = f("general.architecture")
+    return {"path": str(p.resolve()), "architecture": arch, "type": f("general.type") or "model",
+            "n_head": f(f"{arch}.attention.head_count"), "n_head_kv": f(f"{arch}.attention.head_count_kv"),
+            "n_layer": f(f"{arch}.block_count"), "context_length": f(f"{arch}.context_length"),
+            "file_type": f("general.file_type"),
+            "shapes": {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}}  # ggml order: (in, out)
 
 # %% ../nbs/07_export.ipynb #e7a811e0
 def random_adapter(folder: str | os.PathLike, base_gguf: str | os.PathLike | None = None, layers: int | None = None,

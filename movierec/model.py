@@ -178,14 +178,11 @@ def _load_gguf_model(name: str, gguf_file: str, kw: dict):
     src = Path(name) / gguf_file
     cached = gguf_float_cache(src)
     if (cached / "config.json").is_file(): return AutoModelForCausalLM.from_pretrained(cached, **kw)
-    if src.stat().st_size > GGUF_CACHE_MAX_BYTES:
-        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **kw)
-        _clear_gguf_quantizer(model)
-        return model
-    model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **{**kw, "dtype": torch.float32})
+    keep = src.stat().st_size <= GGUF_CACHE_MAX_BYTES   # kept as float32: the dtype asked for is cast from it, here and later
+    model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf_file, **({**kw, "dtype": torch.float32} if keep else kw))
     _clear_gguf_quantizer(model)
     try:   # unless another process cached it meanwhile (replacing a folder someone may be reading)
-        if not (cached / "config.json").is_file():
+        if keep and not (cached / "config.json").is_file():
             with atomic_path(cached, is_dir=True) as tmp: model.save_pretrained(tmp)
     except OSError as e: log.warning("could not cache the weights of %s in %s: %s", src, cached, e)
     return model.to(kw["dtype"])
