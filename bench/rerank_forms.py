@@ -1,0 +1,140 @@
+"""Does another form of the same model re-rank 50 candidates faster? Run by hand, under the CPU lock:
+
+    flock /tmp/movierec-cpu.lock .venv/bin/python bench/rerank_forms.py --run runs/default [--users 4] [--no-ollama]
+
+For item-kNN's top `--candidates` of each user, seconds per user of `score.score_candidates` (shared user prefix, bf16
+autocast as `recommend` runs it) for the PEFT model as `load_adapter` gives it (the baseline) and for other forms of it: the
+adapter merged into the weights, merged with the Linear weights stored in bf16 (autocast then has nothing to re-cast), the
+whole model in bf16; each as a ratio against the baseline measured in the same run, with how far its expected ratings are
+from fp32's. Then Ollama (`--concurrency` slots) with the run's GGUF export as deployed (F16 base + adapter) against the
+merged F16, a merged BF16 and Ollama's Q8_0 of the merged model, and Ollama's fixed cost per request (a 3-token prompt).
+"""
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+# `python bench/x.py` puts bench/ first on sys.path, where bench/ollama.py would shadow the ollama package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np
+import torch
+
+from movierec.core import RunLayout
+from movierec.model import load_adapter
+from movierec.prompts import prompts_for_user
+from movierec.recommend import _history, _test_start, evaluation_users, prepared_dataset, prompt_setting
+from movierec.retrieve import fit_retrievers, rank_unseen
+from movierec.score import score_candidates
+
+
+def candidate_prompts(data, users: int, candidates: int) -> dict:
+    "Each evaluated user's prompts for item-kNN's top candidates, as `recommend` builds them before the test period."
+    ml, ratings, template = prepared_dataset(data)
+    us = evaluation_users(ratings, users, seed=1).tolist()
+    starts = _test_start(ratings)
+    w, fitted = fit_retrievers(_history(ratings, True), ml.movies.movie_id, ["itemknn"], 20, 64, 0)
+    ctx = prompt_setting(data, ml, ratings, template)
+    out = {}
+    for u in us:
+        rows = w.rows([u])
+        cols = rank_unseen(fitted["itemknn"].scores(rows, w.user_index([u])), rows, candidates)[0]
+        out[u] = prompts_for_user(ml, ratings, u, w.movie_ids[cols[cols >= 0]], template, at_time=starts[u], ctx=ctx)
+    return out
+
+
+def torch_forms(model) -> dict:
+    "The forms compared: name -> (model, autocast)."
+    merged = copy.deepcopy(model).merge_and_unload()
+    linear_bf16 = copy.deepcopy(merged)
+    for m in linear_bf16.modules():   # the tied lm_head stays fp32 with the embedding it shares
+        if isinstance(m, torch.nn.Linear) and m is not linear_bf16.lm_head: m.to(torch.bfloat16)
+    return {"peft (baseline)": (model, True), "merged": (merged, True), "merged, Linear weights bf16": (linear_bf16, True),
+            "merged, all weights bf16": (copy.deepcopy(merged).to(torch.bfloat16), False)}
+
+
+def bench_torch(model, tok, prompts: dict) -> list[dict]:
+    "Seconds per user of each form, users interleaved so that the machine's drift hits every form alike."
+    ref = {u: score_candidates(model, tok, p, autocast=False).pred.to_numpy() for u, p in prompts.items()}
+    forms = torch_forms(model)
+    first = next(iter(prompts.values()))
+    for m, ac in forms.values(): score_candidates(m, tok, first[:8], autocast=ac)   # warm-up
+    secs = {k: [] for k in forms}; diff = {k: [] for k in forms}
+    for u, p in prompts.items():
+        for k, (m, ac) in forms.items():
+            t0 = time.perf_counter(); pred = score_candidates(m, tok, p, autocast=ac).pred.to_numpy()
+            secs[k].append(time.perf_counter() - t0); diff[k].append(np.abs(pred - ref[u]))
+    base = np.array(secs["peft (baseline)"])
+    return [{"form": k, "s_per_user": round(float(np.mean(s)), 3), "speedup_vs_baseline": round(float(base.sum() / np.sum(s)), 2),
+             "per_user_ratios": [round(float(x), 2) for x in base / np.array(s)],
+             "mean_abs_diff_vs_fp32": round(float(np.concatenate(diff[k]).mean()), 4)} for k, s in secs.items()]
+
+
+def bf16_gguf(src: Path, out: Path) -> Path:
+    "A copy of an F16 GGUF with its matrices in BF16 (ggml's sgemm has AVX512-BF16 dot products)."
+    import gguf
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(out, r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.file_type"): continue
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    for t in r.tensors:
+        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if len(t.shape) > 1: w.add_tensor(t.name, gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else: w.add_tensor(t.name, x)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return out
+
+
+def bench_ollama(gguf_dir: Path, tok, prompts: dict, concurrency: int, tmp: Path) -> dict:
+    "Seconds per user of each served form, and the fixed cost of one request."
+    from movierec.serve import create_model, ollama_client, ollama_predict
+    variants = {"f16-adapter (baseline)": (gguf_dir / "base-f16.gguf", gguf_dir / "adapter.gguf", None),
+                "merged-f16": (gguf_dir / "merged-f16.gguf", None, None),
+                "merged-bf16": (bf16_gguf(gguf_dir / "merged-f16.gguf", tmp / "merged-bf16.gguf"), None, None),
+                "merged-q8_0": (gguf_dir / "merged-f16.gguf", None, "q8_0")}
+    out = {"concurrency": concurrency, "forms": []}
+    with ollama_client("auto", num_parallel=concurrency) as (client, _):
+        for k, (base, adapter, q) in variants.items():
+            name = "bench-forms-" + k.split(" ")[0]
+            create_model(client, name, base, adapter, overwrite=True, quantize=q)
+            ollama_predict(client, name, next(iter(prompts.values()))[:concurrency], tok, concurrency=concurrency)   # loads it
+            t0 = time.perf_counter()
+            for p in prompts.values(): ollama_predict(client, name, p, tok, concurrency=concurrency)
+            out["forms"].append({"form": k, "s_per_user": round((time.perf_counter() - t0) / len(prompts), 2)})
+        base = out["forms"][0]["s_per_user"]
+        for f in out["forms"]: f["speedup_vs_baseline"] = round(base / f["s_per_user"], 2)
+        opts = {"temperature": 0, "num_predict": 1, "num_ctx": 256}
+        one = lambda i: client.generate(model="bench-forms-merged-f16", prompt=f"Rate {i}", raw=True, logprobs=True, top_logprobs=20, options=opts)
+        rs = [one(i) for i in range(15)]
+        out["fixed_cost_ms"] = {k: round(float(np.median([getattr(r, k) or 0 for r in rs])) / 1e6, 1)
+                                for k in ("total_duration", "load_duration", "prompt_eval_duration")}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, required=True, help="a run folder (data/, adapter/, gguf/)")
+    ap.add_argument("--users", type=int, default=4); ap.add_argument("--candidates", type=int, default=50)
+    ap.add_argument("--concurrency", type=int, default=4); ap.add_argument("--no-ollama", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/movierec-bench-rerank-forms"))
+    a = ap.parse_args()
+    run = RunLayout(a.run)
+    prompts = candidate_prompts(run.data, a.users, a.candidates)
+    model, tok = load_adapter(run.adapter)
+    result = {"users": len(prompts), "candidates": a.candidates, "torch": bench_torch(model, tok, prompts)}
+    for r in result["torch"]: print(json.dumps(r))
+    if not a.no_ollama:
+        a.out.mkdir(parents=True, exist_ok=True)
+        result["ollama"] = bench_ollama(Path(run.gguf), tok, prompts, a.concurrency, a.out)
+        print(json.dumps(result["ollama"]))
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "bench.json").write_text(json.dumps(result, indent=1))
+    print(f"written to {a.out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
