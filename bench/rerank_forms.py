@@ -2,7 +2,7 @@
 
     flock /tmp/movierec-cpu.lock .venv/bin/python bench/rerank_forms.py --run runs/default [--users 4] [--no-ollama]
 
-For item-kNN's top `--candidates` of each user, seconds per user of `score.score_candidates` (shared user prefix, bf16
+For the default retriever's (item-kNN's) top `--candidates` of each user, seconds per user of `score.score_candidates` (shared user prefix, bf16
 autocast as `recommend` runs it) for the PEFT model as `load_adapter` gives it (the baseline) and for other forms of it: the
 adapter merged into the weights, merged with the Linear weights stored in bf16 (autocast then has nothing to re-cast), the
 whole model in bf16; each as a ratio against the baseline measured in the same run, with how far its expected ratings are
@@ -25,24 +25,21 @@ import torch
 from movierec.core import RunLayout
 from movierec.model import load_adapter
 from movierec.prompts import prompts_for_user
-from movierec.recommend import _history, _test_start, evaluation_users, prepared_dataset, prompt_setting
-from movierec.retrieve import fit_retrievers, rank_unseen
+from movierec.recommend import RecommendConfig, _history, _retrieve_all, _test_start, evaluation_users, prepared_dataset, prompt_setting
+from movierec.retrieve import fit_retrievers
 from movierec.score import score_candidates
 
 
 def candidate_prompts(data, users: int, candidates: int) -> dict:
-    "Each evaluated user's prompts for item-kNN's top candidates, as `recommend` builds them before the test period."
+    "Each evaluated user's prompts for the default retriever's top candidates, as `recommend` builds them before the test period."
+    cfg = RecommendConfig()
     ml, ratings, template = prepared_dataset(data)
-    us = evaluation_users(ratings, users, seed=1).tolist()
+    us = evaluation_users(ratings, users, seed=1)
     starts = _test_start(ratings)
-    w, fitted = fit_retrievers(_history(ratings, True), ml.movies.movie_id, ["itemknn"], 20, 64, 0)
+    w, fitted = fit_retrievers(_history(ratings, True), ml.movies.movie_id, [cfg.retriever], cfg.neighbours, cfg.factors, cfg.seed)
+    lists = _retrieve_all(fitted, w, w.rows(us), w.user_index(us))[cfg.retriever]
     ctx = prompt_setting(data, ml, ratings, template)
-    out = {}
-    for u in us:
-        rows = w.rows([u])
-        cols = rank_unseen(fitted["itemknn"].scores(rows, w.user_index([u])), rows, candidates)[0]
-        out[u] = prompts_for_user(ml, ratings, u, w.movie_ids[cols[cols >= 0]], template, at_time=starts[u], ctx=ctx)
-    return out
+    return {u: prompts_for_user(ml, ratings, u, top[:candidates], template, at_time=starts[u], ctx=ctx) for u, top in zip(us.tolist(), lists)}
 
 
 def torch_forms(model) -> dict:
@@ -127,11 +124,10 @@ def main():
     model, tok = load_adapter(run.adapter)
     result = {"users": len(prompts), "candidates": a.candidates, "torch": bench_torch(model, tok, prompts)}
     for r in result["torch"]: print(json.dumps(r))
+    a.out.mkdir(parents=True, exist_ok=True)   # the BF16 GGUF is written there too
     if not a.no_ollama:
-        a.out.mkdir(parents=True, exist_ok=True)
         result["ollama"] = bench_ollama(Path(run.gguf), tok, prompts, a.concurrency, a.out)
         print(json.dumps(result["ollama"]))
-    a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "bench.json").write_text(json.dumps(result, indent=1))
     print(f"written to {a.out / 'bench.json'}")
 
