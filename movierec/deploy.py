@@ -173,6 +173,7 @@ def deploy(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Depl
                   "served_model": variant_model(cfg.model_name, cfg.serve_variant), "variants": created["variants"],
                   "host": host, "private_server": private,
                   "ollama_version": server_version(host), "base_model": str(base), "adapter_dir": str(adapter_dir.resolve()),
+                  "adapter_sha256": sha256sum(adapter_dir / "adapter_model.safetensors"),  # which adapter, wherever its folder moves
                   "num_ctx": settings["parameters"]["num_ctx"], "settings": settings,
                   "files": {k: _file_entry(p) for k, p in files.items()},
                   "parity": parity_with_pytorch(client, created["models"], torch_model, tokenizer, prompts, concurrency,

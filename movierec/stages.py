@@ -12,9 +12,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from .assets import sha256sum
 from .core import MovierecError, RunLayout, get_logger, pick_device
 from .core import data_dir as assets_dir   # `data_dir` names a run's prepared data here
-from .deploy import GGUF_FILES, deploy
+from .deploy import deploy
 from .evaluate import evaluate
 from .model import adapter_tasks
 from .params import Params
@@ -25,7 +26,8 @@ log = get_logger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'StageResult', 'Prepared', 'Trained', 'Deployed', 'Evaluated', 'load_run', 'use_device', 'prepare_stage',
-           'train_stage', 'parity_prompts', 'deploy_stage', 'measured_params', 'evaluate_stage', 'recommend_for']
+           'train_stage', 'parity_prompts', 'deploy_stage', 'check_export', 'measured_params', 'evaluate_stage',
+           'recommend_for']
 
 # %% ../nbs/10_stages.ipynb #4f7d9a96
 class StageResult(BaseModel):
@@ -104,16 +106,26 @@ def deploy_stage(p: Params, adapter_dir: str | Path, gguf_dir: str | Path, data_
     return Deployed(**deploy(Path(adapter_dir), Path(gguf_dir), p.deploy, parity_prompts=prompts))
 
 # %% ../nbs/10_stages.ipynb #1bdce186
+def check_export(gguf: Path, adapter_dir: Path) -> dict:
+    "`gguf`'s deploy.json if it is an export of `adapter_dir` (same weights); else an error, since its Ollama row would score another model."
+    redo = f"run `movierec deploy --adapter {adapter_dir} --out {gguf}` first, or evaluate with --no-deploy"
+    if not (gguf / "deploy.json").is_file():
+        raise MovierecError(f"{gguf} holds no export of the adapter {adapter_dir}, so its Ollama row would score whatever model "
+                            f"Ollama has under the run's name: {redo}.")
+    info = json.loads((gguf / "deploy.json").read_text())
+    if "adapter_sha256" in info: same = info["adapter_sha256"] == sha256sum(Path(adapter_dir) / "adapter_model.safetensors")
+    else: same = Path(info.get("adapter_dir", adapter_dir)).resolve() == Path(adapter_dir).resolve()  # exports older than the hash
+    if not same: raise MovierecError(f"{gguf / 'deploy.json'} is an export of the adapter {info.get('adapter_dir')}, not of {adapter_dir} "
+                                     f"evaluated here, so its Ollama row would be another model's: {redo}.")
+    return info
+
 def _ollama_predictor(p: Params, gguf: Path, adapter_dir: Path, client):
-    "The run's deployed model as a predictor, created from its GGUF export (as deploy served it: adapter, merged or quantized)."
+    "The run's deployed model as a predictor, created from its GGUF export of `adapter_dir` (as deploy served it: adapter, merged or quantized)."
     from movierec.deploy import serve_deployed
     from movierec.model import load_tokenizer, read_adapter_meta
     from movierec.serve import OllamaPredictor
-    name = p.deploy.model_name
-    if (gguf / "deploy.json").exists(): name = serve_deployed(client, gguf)
-    elif not any(m.model.split(":")[0] == name for m in client.list().models):
-        raise MovierecError(f"Ollama has no model {name!r} and {gguf} holds no export; run the deploy stage first.")
-    return OllamaPredictor(client, name, load_tokenizer(read_adapter_meta(adapter_dir)["base_model"]))
+    check_export(gguf, adapter_dir)
+    return OllamaPredictor(client, serve_deployed(client, gguf), load_tokenizer(read_adapter_meta(adapter_dir)["base_model"]))
 
 def _classic_models(p: Params, data_dir: Path) -> dict:
     "The classic models prepare fitted on the training ratings (data/classic.pkl), or fitted here for data prepared without them."

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveInt
 
 from .core import (MOVIEREC_JSON, Knobs, MovierecError, atomic_path, data_dir as default_data_dir, device_knob, get_logger,
                            knob, pick_device, seed_everything, seed_knob, use_bf16, write_json)
@@ -38,13 +38,13 @@ from .prompts import ENJOY_PREFIX, ENJOY_SPLIT, RATING_PREFIX, read_examples
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'OBJECTIVES', 'SCHEDULERS', 'CPU_TRAIN_EXAMPLES', 'TRAIN_COLUMNS', 'RESUME_KEYS', 'TRACKERS', 'FINAL_FIGURES',
-           'TrainConfig', 'load_examples', 'tokenize_examples', 'examples_key', 'tokenize_cached', 'tokenize_splits',
-           'Collator', 'answer_loss', 'build_model', 'longest_example', 'wrap_lora', 'run_fingerprint',
-           'training_arguments', 'check_tracker', 'tracking_run', 'log_metrics_to_tracker', 'log_lines_callback',
-           'progress_as_log_lines', 'divergence_guard', 'TrainingDiverged', 'diverged_error', 'make_trainer',
-           'peak_rss_mb', 'fit', 'find_checkpoint', 'write_loss_log', 'save_outputs', 'check_out_dir', 'torchrun',
-           'launch', 'train']
+__all__ = ['log', 'OBJECTIVES', 'SCHEDULERS', 'CPU_TRAIN_EXAMPLES', 'CPU_VAL_EXAMPLES', 'GPU_VAL_EXAMPLES', 'TRAIN_COLUMNS',
+           'RESUME_KEYS', 'TRACKERS', 'FINAL_FIGURES', 'TrainConfig', 'load_examples', 'tokenize_examples',
+           'examples_key', 'tokenize_cached', 'tokenize_splits', 'Collator', 'answer_loss', 'build_model',
+           'longest_example', 'wrap_lora', 'run_fingerprint', 'training_arguments', 'check_tracker', 'tracking_run',
+           'log_metrics_to_tracker', 'log_lines_callback', 'progress_as_log_lines', 'divergence_guard',
+           'TrainingDiverged', 'diverged_error', 'make_trainer', 'peak_rss_mb', 'fit', 'find_checkpoint',
+           'write_loss_log', 'save_outputs', 'check_out_dir', 'torchrun', 'launch', 'train']
 
 # %% ../nbs/04_train.ipynb #7d155608
 OBJECTIVES = ("rating", "response", "expected_mse")
@@ -52,6 +52,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 CPU_TRAIN_EXAMPLES = 1200  # what train_examples="auto" means off CUDA. 2,000 hybrid_short examples at 2e-4 (22 min here) put the
 # whole default run at 69 min against its 45-min budget; 1,200 at 4e-4 (13 min) rated the same 1,000 test ratings as well
 # (RMSE 0.985 vs 0.979: +0.007 [-0.001, +0.014]); 1,200 at 2e-4 lost 0.018 (README)
+CPU_VAL_EXAMPLES, GPU_VAL_EXAMPLES = 50, 1000  # what val_examples="auto" means: the validation loss picks the checkpoint kept
 
 class TrainConfig(Knobs):
     "The train stage's knobs: the base model, LoRA, the loss, optimisation, data sizes, checkpoints, runtime."
@@ -75,7 +76,8 @@ class TrainConfig(Knobs):
     max_grad_norm: float = knob(1.0, "gradient clipping norm", gt=0)
     # data
     train_examples: Literal["auto"] | PositiveInt | None = knob("auto", "training examples sampled; auto: 1200 on a CPU, all on a GPU; null: all")
-    val_examples: int = knob(200, "validation examples for eval loss during training; 0: no validation", ge=0)
+    val_examples: Literal["auto"] | NonNegativeInt = knob(
+        "auto", "validation examples whose loss is logged and picks the checkpoint kept; auto: 50 on a CPU, 1000 on a GPU; 0: no validation")
     enjoy_examples: int = knob(0, "examples of the second task (Would the user enjoy it? Yes/No: prepare's train_enjoy.parquet, "
                                "written with enjoy_negatives > 0) trained beside the rating examples; 0: the rating task only", ge=0)
     group_by_length: bool = knob(True, "batches of similar length (less padding)")
@@ -95,16 +97,17 @@ class TrainConfig(Knobs):
     seed: int = seed_knob()
 
     def resolved(self, device: str) -> TrainConfig:
-        "A copy with the sizes `device` decides made concrete: `train_examples='auto'` is 1200 on a CPU (anything but CUDA), all on CUDA."
-        if self.train_examples != "auto": return self.model_copy()
-        return self.replace(train_examples=None if str(device).startswith("cuda") else CPU_TRAIN_EXAMPLES)
+        "A copy with the sizes `device` decides made concrete: 'auto' is CPU-sized on anything but CUDA (1200 training, 50 validation examples), all training examples and 1000 validation ones on CUDA."
+        gpu = str(device).startswith("cuda")
+        return self.replace(**{k: v for k, v in (("train_examples", None if gpu else CPU_TRAIN_EXAMPLES),
+                                                ("val_examples", GPU_VAL_EXAMPLES if gpu else CPU_VAL_EXAMPLES)) if getattr(self, k) == "auto"})
 
 # %% ../nbs/04_train.ipynb #08917257
 TRAIN_COLUMNS = ["user_id", "movie_id", "rating", "prompt", "response"]  # what training reads of prepare's examples
 
 def load_examples(data_dir, cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     "Seeded samples of `cfg.train_examples` training and `cfg.val_examples` validation examples (None: no validation)."
-    if cfg.train_examples == "auto": raise MovierecError("train_examples='auto' depends on the device: pass cfg.resolved(device).")
+    if "auto" in (cfg.train_examples, cfg.val_examples): raise MovierecError("train_examples or val_examples 'auto' depends on the device: pass cfg.resolved(device).")
     def sample(df, n):
         if df is None or n is None or len(df) <= n: return df
         return df.sample(n=n, random_state=cfg.seed).reset_index(drop=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Step 3: unpack the payload, check the imports, train the default recipe on every training example (the GPU's
-# auto sizes), then a few 4-bit (QLoRA) steps if time is left. Everything worth keeping goes to $OUT.
+# auto sizes), then a few 4-bit (QLoRA) steps if the payload has bitsandbytes (QLORA=1 pack.sh) and time is left. Everything worth keeping goes to $OUT.
 #   bash bench/gpu_offline/train.sh .gpu3 [movierec train flags, e.g. --batch-size 32]
 set -u
 T0=$(date +%s); cd "$(dirname "$0")/../.."
@@ -18,7 +18,8 @@ timeout 420 movierec train --data $DATA --out $RUN/adapter --params params/defau
 echo "== train rc=${PIPESTATUS[0]} after $(( $(date +%s) - T0 )) s"
 for f in train.json loss.csv movierec.json adapter_config.json adapter_model.safetensors; do cp $RUN/adapter/$f $OUT/ 2>/dev/null; done
 left=$(( 560 - ($(date +%s) - T0) ))
-if [ $left -gt 90 ]; then
+if [ ! -d /root/pay/site/bitsandbytes ]; then echo "== qlora skipped: the payload has no bitsandbytes (QLORA=1 pack.sh)"
+elif [ $left -gt 90 ]; then
   timeout $(( left - 10 )) bash -c 'source bench/gpu_offline/env.sh
     python3 -c "from movierec.model import load_base; m, t = load_base(None, device=\"cpu\"); m.save_pretrained(\"$RUN/base-hf\"); t.save_pretrained(\"$RUN/base-hf\")" &&
     movierec train --data $DATA --out $RUN/qlora --params params/default.yaml --base-model $RUN/base-hf --load-in-4bit \
