@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from movierec.core import write_json
+from movierec.evaluate import format_interval
 from movierec.model import load_adapter
 from movierec.recommend import (RecommendConfig, _cold_start_rankings, _history, _table, _test_start, evaluation_users,
                                 prepared_dataset, relevant_movies)
@@ -24,7 +25,7 @@ from movierec.retrieve import fit_retrievers
 
 def _interval(row: dict, against: str, metric: str) -> str:
     d = row.get("vs", {}).get(against, {}).get(metric)
-    return f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "-"
+    return format_interval(d["diff"], d["ci95"], digits=4) if d else "-"
 
 
 def main(argv=None) -> int:
@@ -38,10 +39,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     data = Path(args.data)
     ml, ratings, template = prepared_dataset(data)
-    every = evaluation_users(ratings, 10**9, RecommendConfig().seed)
+    cfg = RecommendConfig()
+    every = evaluation_users(ratings, 10**9, cfg.seed)
     users = every[args.offset:][:args.users]
     if not len(users): raise SystemExit(f"{data} has {len(every)} users with a liked test movie: none after --offset {args.offset}")
-    cfg = RecommendConfig(ranking_users=len(every))
     names = list(dict.fromkeys([*cfg.retrievers, *cfg.rerank_retrievers]))
     _, fitted = fit_retrievers(_history(ratings, True), ml.movies.movie_id, names, cfg.neighbours, cfg.factors, cfg.seed)
     new = [r for r in names if fitted[r].new_users]                      # the retrievers that can fold in a new user

@@ -22,7 +22,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import numpy as np
 import torch
 
-from movierec.core import RunLayout
+from movierec.core import RunLayout, write_json
 from movierec.model import load_adapter
 from movierec.prompts import prompts_for_user
 from movierec.recommend import RecommendConfig, _history, _retrieve_all, _test_start, evaluation_users, prepared_dataset, prompt_setting
@@ -128,7 +128,7 @@ def main():
     if not a.no_ollama:
         result["ollama"] = bench_ollama(Path(run.gguf), tok, prompts, a.concurrency, a.out)
         print(json.dumps(result["ollama"]))
-    (a.out / "bench.json").write_text(json.dumps(result, indent=1))
+    write_json(a.out / "bench.json", result)
     print(f"written to {a.out / 'bench.json'}")
 
 

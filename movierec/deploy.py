@@ -28,7 +28,7 @@ log = get_logger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'GGUF_FILES', 'DeployConfig', 'variant_model', 'export_files', 'serving_settings', 'create_served',
-           'create_models', 'write_modelfiles', 'parity_with_pytorch', 'deploy', 'serve_deployed']
+           'create_models', 'write_modelfiles', 'parity_with_pytorch', 'adapter_sha256', 'deploy', 'serve_deployed']
 
 # %% ../nbs/07b_deploy.ipynb #962ffb99
 class DeployConfig(Knobs):
@@ -135,6 +135,10 @@ def parity_with_pytorch(client, models: dict[str, str], torch_model, tokenizer, 
 def _file_entry(p: Path) -> dict:
     return {"path": p.name, "bytes": p.stat().st_size, "sha256": sha256sum(p)}
 
+def adapter_sha256(adapter_dir: str | os.PathLike) -> str:
+    "The SHA-256 of an adapter's weights: which adapter an export was made from, wherever its folder moves."
+    return sha256sum(Path(adapter_dir) / "adapter_model.safetensors")
+
 def _parity_targets(parity_prompts) -> tuple[list[str], list | None]:
     "(prompts, true ratings or None) from a list of prompts or a table with `prompt` (and `rating`)."
     if parity_prompts is None: return [], None
@@ -173,7 +177,7 @@ def deploy(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Depl
                   "served_model": variant_model(cfg.model_name, cfg.serve_variant), "variants": created["variants"],
                   "host": host, "private_server": private,
                   "ollama_version": server_version(host), "base_model": str(base), "adapter_dir": str(adapter_dir.resolve()),
-                  "adapter_sha256": sha256sum(adapter_dir / "adapter_model.safetensors"),  # which adapter, wherever its folder moves
+                  "adapter_sha256": adapter_sha256(adapter_dir),
                   "num_ctx": settings["parameters"]["num_ctx"], "settings": settings,
                   "files": {k: _file_entry(p) for k, p in files.items()},
                   "parity": parity_with_pytorch(client, created["models"], torch_model, tokenizer, prompts, concurrency,

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from .assets import sha256sum
 from .core import MovierecError, RunLayout, get_logger, pick_device
 from .core import data_dir as assets_dir   # `data_dir` names a run's prepared data here
-from .deploy import deploy
+from .deploy import adapter_sha256, deploy
 from .evaluate import evaluate
 from .model import adapter_tasks
 from .params import Params
@@ -113,7 +112,7 @@ def check_export(gguf: Path, adapter_dir: Path) -> dict:
         raise MovierecError(f"{gguf} holds no export of the adapter {adapter_dir}, so its Ollama row would score whatever model "
                             f"Ollama has under the run's name: {redo}.")
     info = json.loads((gguf / "deploy.json").read_text())
-    if "adapter_sha256" in info: same = info["adapter_sha256"] == sha256sum(Path(adapter_dir) / "adapter_model.safetensors")
+    if "adapter_sha256" in info: same = info["adapter_sha256"] == adapter_sha256(adapter_dir)
     else: same = Path(info.get("adapter_dir", adapter_dir)).resolve() == Path(adapter_dir).resolve()  # exports older than the hash
     if not same: raise MovierecError(f"{gguf / 'deploy.json'} is an export of the adapter {info.get('adapter_dir')}, not of {adapter_dir} "
                                      f"evaluated here, so its Ollama row would be another model's: {redo}.")
