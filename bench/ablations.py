@@ -69,7 +69,7 @@ def stack_of_estimates(train: pd.DataFrame, test: pd.DataFrame) -> np.ndarray | 
         line = df.prompt.str.extract(pattern, flags=__import__("re").M)[0]
         if line.isna().any(): return None
         line = line.str.replace(r" \(mean [\d.]+\)$", "", regex=True)  # hybrid_short's mean is not one more estimate
-        return np.array([[float(x.rsplit(" ", 1)[1]) for x in l.split(", ")] for l in line])
+        return np.array([[float(x.rsplit(" ", 1)[-1]) for x in l.split(", ")] for l in line])
     X, Xt = numbers(train), numbers(test)
     if X is None or Xt is None: return None
     A = np.c_[X, np.ones(len(X))]
@@ -102,7 +102,8 @@ def run(args) -> dict:
     if not args.no_train:
         from movierec.model import load_adapter
         from movierec.score import LMPredictor
-        tcfg = TrainConfig(**{k: getattr(args, k) for k in TRAIN_KNOBS if getattr(args, k) is not None})
+        tcfg = TrainConfig(**{k: getattr(args, k) for k in TRAIN_KNOBS if getattr(args, k) is not None},
+                           **({} if args.train_seed is None else {"seed": args.train_seed}))
         adapter = run_dir / "adapter"
         summary = json.loads((adapter / "train.json").read_text()) if (adapter / "train.json").exists() else train(data_dir, adapter, tcfg, progress=False)
         model, tokenizer = load_adapter(adapter)
@@ -151,6 +152,7 @@ def main(argv=None):
     ap.add_argument("--table", action="store_true", help="print the rows so far as markdown and exit")
     for k in PREPARE_KNOBS: ap.add_argument("--" + k.replace("_", "-"), type=int if k in ("max_per_user", "min_history", "folds", "seed") else str)
     for k, typ in TRAIN_KNOBS.items(): ap.add_argument("--" + k.replace("_", "-"), type=typ)
+    ap.add_argument("--train-seed", type=int, help="training's seed (LoRA initialisation, data order), apart from --seed (the split's)")
     args = ap.parse_args(argv)
     if args.table: print(table(Path(args.out))); return
     if not args.name: ap.error("--name is required")

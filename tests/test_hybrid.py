@@ -85,8 +85,8 @@ def test_recent_targets_look_like_test_targets(ml):
 
 
 def test_prepare_saves_the_models_that_serve_the_prompts(ml, tmp_path):
-    meta = prepare(PrepareConfig(folds=2), tmp_path, ml=ml)  # the defaults: hybrid_short, recent targets, training-only profiles
-    assert meta["params"]["template"] == "hybrid_short" and meta["params"]["train_targets"] == "recent"
+    meta = prepare(PrepareConfig(folds=2), tmp_path, ml=ml)  # the defaults: hybrid_lean, recent targets, training-only profiles
+    assert meta["params"]["template"] == "hybrid_lean" and meta["params"]["train_targets"] == "recent"
     assert meta["classic"]["quoted"] == ["svdpp", "knn_baseline", "knn_user"] and (tmp_path / CLASSIC_FILE).exists()
     assert meta["classic"]["models"] == list(CLASSIC_NAMES)  # every classic model, for evaluation to reuse
     d, classic = load_prepared(tmp_path), load_classic(tmp_path)
