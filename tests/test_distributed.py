@@ -29,9 +29,10 @@ KNOBS = dict(base_model=TINY, max_steps=8, save_steps=4, val_examples=16, learni
              lora_dropout=0.0, bf16=False, save_total_limit=3)
 TOLERANCE = 2e-5  # on adapter weights of magnitude ~0.05 (B) and ~0.2 (A)
 # Adam divides each update by the root of the squared gradient: where a gradient element is float noise around
-# zero, that noise becomes a step of up to lr * ~0.02. So a few elements in a thousand may differ by up to 1e-3;
-# the rest agree to TOLERANCE.
-NOISE = 1e-3
+# zero, that noise becomes a step of up to lr * ~0.02. So a few elements in a thousand may differ by up to NOISE (1.1e-3
+# measured on hybrid_lean prompts, 1e-3 on hybrid_short's); the rest agree to TOLERANCE. Another global batch moves
+# weights by about 0.1 (0.12 measured), far above NOISE.
+NOISE = 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_two_processes_train_the_adapter_of_one(prepared, one_process, tmp_path)
     assert_same_adapter(one_process, tmp_path / "ddp")
     np.testing.assert_allclose(pd.read_csv(tmp_path / "ddp" / "loss.csv").loss.dropna(),
                                pd.read_csv(one_process / "loss.csv").loss.dropna(), rtol=1e-5)
-    assert abs(ddp["val_loss"] - one["val_loss"]) < 1e-5
+    assert ddp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)   # the training losses' tolerance
     # written once: one adapter folder, checkpoints by the first process only (each process keeps its RNG state there)
     ckpt = tmp_path / "ddp" / "checkpoints" / "checkpoint-8"
     assert sorted(p.name for p in ckpt.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
