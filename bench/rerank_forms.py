@@ -123,7 +123,7 @@ def bench_ollama(gguf_dir: Path, tok, prompts: dict, concurrency: int, tmp: Path
             ollama_predict(client, name, next(iter(ps.values()))[:concurrency], tok, concurrency=concurrency)   # loads it
             t0 = time.perf_counter()
             for p in ps.values(): ollama_predict(client, name, p, tok, concurrency=concurrency)
-            out["forms"].append({"form": k, "s_per_user": round((time.perf_counter() - t0) / len(prompts), 2)})
+            out["forms"].append({"form": k, "s_per_user": round((time.perf_counter() - t0) / len(ps), 2)})
         base = out["forms"][0]["s_per_user"]
         for f in out["forms"]: f["speedup_vs_baseline"] = round(base / f["s_per_user"], 2)
         opts = {"temperature": 0, "num_predict": 1, "num_ctx": 256}
@@ -148,8 +148,8 @@ def main():
     model, tok = load_adapter(run.adapter)
     forms = {k: (m, ac, prompts) for k, (m, ac) in torch_forms(model).items()}
     result = {"users": len(prompts), "candidates": a.candidates, "tail_tokens": {"run": tail_tokens(tok, prompts)}}
-    if a.other:
-        other = RunLayout(a.other)
+    other = RunLayout(a.other) if a.other else None
+    if other:
         other_cands = candidate_prompts(other.data, a.users, a.candidates)
         if {u: c for u, (c, _) in other_cands.items()} != {u: c for u, (c, _) in cands.items()}:
             raise SystemExit(f"--other {a.other}: its users or candidates differ from {a.run}'s (another split or training ratings)")
@@ -164,7 +164,7 @@ def main():
     a.out.mkdir(parents=True, exist_ok=True)   # the BF16 GGUF is written there too
     if not a.no_ollama:
         result["ollama"] = bench_ollama(Path(run.gguf), tok, prompts, a.concurrency, a.out,
-                                        (Path(RunLayout(a.other).gguf), other_prompts) if a.other else None)
+                                        (Path(other.gguf), other_prompts) if other else None)
         print(json.dumps(result["ollama"]))
     write_json(a.out / "bench.json", result)
     print(f"written to {a.out / 'bench.json'}")
