@@ -6,8 +6,9 @@
 
 1. Seconds per user, after the model is loaded, for one user's top 50 (`--candidates`):
    - retrieval: each retriever ranks the user's whole unseen catalogue (fitting is timed once);
-   - re-ranking in PyTorch with the shared user prefix (`score.score_candidates`; bf16 where the
-     CPU has bf16 kernels, as `recommend` runs it, and fp32 for scale), split into
+   - re-ranking in PyTorch with the shared user prefix (`score.score_candidates`; where the CPU has
+     bf16 kernels, the merged bf16 copy `score.reranking_model` gives, as `recommend` runs it, against
+     the PEFT model under bf16 autocast, the form before it; and fp32 for scale), split into
      prompt building, tokenising, the prefix's forward pass and the candidates' passes, with the
      prefix and per-candidate token counts;
    - the same prompts scored in full, one by one in batches (`score.score_prompts`), for scale;
@@ -38,7 +39,7 @@ from movierec.prompts import prompts_for_user
 from movierec.recommend import (RANKING_METRICS, RecommendConfig, _history, _test_start, evaluation_users, prepared_dataset, prompt_setting,
                                 ranking_metrics)
 from movierec.retrieve import fit_retrievers, rank_unseen
-from movierec.score import fast_bf16, score_candidates, score_prompts
+from movierec.score import fast_bf16, reranking_model, score_candidates, score_prompts
 # the scorer's own steps, to time them apart
 from movierec.score import _autocast, _common_prefix, _device, _encode
 
@@ -65,37 +66,42 @@ def bench_retrieval(cfg, ml, ratings, users) -> tuple[dict, dict]:
 
 
 def bench_torch(model, tok, ml, ratings, template, users, tops, starts, ctx, enjoy: bool = False, bf16: bool = False) -> tuple[dict, dict]:
-    """Seconds per user of each step of re-ranking in PyTorch (with `bf16` autocast, as `recommend` runs it with score_bf16 auto),
-    the same in fp32 for scale, and the fp32 scores. With `enjoy` (an adapter that learned the second task), also both tasks at
+    """Seconds per user of each step of re-ranking in PyTorch (with `bf16`, the form `recommend` runs with score_bf16 auto: on a CPU
+    `reranking_model`'s merged bf16 copy; the PEFT model under autocast for comparison), the same in fp32 for scale, and the fp32 scores. With `enjoy` (an adapter that learned the second task), also both tasks at
     once (each candidate's tail run once) against the two tasks scored one after the other. `ctx`: the prompts' setting."""
-    parts = {k: 0.0 for k in ("prompts", "tokenise", "prefix_forward", "score_candidates", "score_candidates_fp32", "score_prompts_unshared")}
+    parts = {k: 0.0 for k in ("prompts", "tokenise", "prefix_forward", "score_candidates", "score_candidates_peft_autocast",
+                              "score_candidates_fp32", "score_prompts_unshared")}
+    fast_model = reranking_model(model, bf16)
     bf16_diff = []
     if enjoy: parts.update(both_tasks_shared_tail=0.0, both_tasks_one_by_one=0.0)
     tokens = {"prefix": [], "tail": []}
     scores = {}
-    for ac in (False, bf16):  # warm-up
-        score_candidates(model, tok, prompts_for_user(ml, ratings, users[0], tops[users[0]][:4], template, at_time=starts[users[0]], ctx=ctx), autocast=ac)
+    for m, ac in ((model, False), (model, bf16), (fast_model, bf16)):  # warm-up
+        score_candidates(m, tok, prompts_for_user(ml, ratings, users[0], tops[users[0]][:4], template, at_time=starts[users[0]], ctx=ctx), autocast=ac)
     for i, u in enumerate(users):
         prompts, s = timed(prompts_for_user, ml, ratings, u, tops[u], template, at_time=starts[u], ctx=ctx); parts["prompts"] += s
         enc, s = timed(_encode, tok, prompts); parts["tokenise"] += s
         n = _common_prefix(enc)
         tokens["prefix"].append(n); tokens["tail"] += [len(e) - n for e in enc]
-        with torch.inference_mode(), _autocast(model, bf16):
-            _, s = timed(model, input_ids=torch.tensor([enc[0][:n]], device=_device(model)), use_cache=True, logits_to_keep=1)
+        with torch.inference_mode(), _autocast(fast_model, bf16):
+            _, s = timed(fast_model, input_ids=torch.tensor([enc[0][:n]], device=_device(model)), use_cache=True, logits_to_keep=1)
         parts["prefix_forward"] += s
-        fast, s = timed(score_candidates, model, tok, prompts, batch_size=16, autocast=bf16); parts["score_candidates"] += s
+        fast, s = timed(score_candidates, fast_model, tok, prompts, batch_size=16, autocast=bf16); parts["score_candidates"] += s
+        parts["score_candidates_peft_autocast"] += timed(score_candidates, model, tok, prompts, batch_size=16, autocast=bf16)[1]
         scores[u], s = timed(score_candidates, model, tok, prompts, batch_size=16, autocast=False); parts["score_candidates_fp32"] += s
         bf16_diff.append(np.abs(fast.pred.to_numpy() - scores[u].pred.to_numpy()))
-        if i < 2: parts["score_prompts_unshared"] += timed(score_prompts, model, tok, prompts, batch_size=16, progress=False, autocast=bf16)[1]
+        if i < 2: parts["score_prompts_unshared"] += timed(score_prompts, fast_model, tok, prompts, batch_size=16, progress=False, autocast=bf16)[1]
         if enjoy:
-            parts["both_tasks_shared_tail"] += timed(score_candidates, model, tok, prompts, batch_size=16, task=("rating", "enjoy"), autocast=bf16)[1]
-            parts["both_tasks_one_by_one"] += sum(timed(score_candidates, model, tok, prompts, batch_size=16, task=t, autocast=bf16)[1]
+            parts["both_tasks_shared_tail"] += timed(score_candidates, fast_model, tok, prompts, batch_size=16, task=("rating", "enjoy"), autocast=bf16)[1]
+            parts["both_tasks_one_by_one"] += sum(timed(score_candidates, fast_model, tok, prompts, batch_size=16, task=t, autocast=bf16)[1]
                                                   for t in ("rating", "enjoy"))
     per_user = {k: v / len(users) for k, v in parts.items()}
     per_user["score_prompts_unshared"] = parts["score_prompts_unshared"] / min(2, len(users))
     per_user["candidates_forward"] = per_user["score_candidates"] - per_user["prefix_forward"] - per_user["tokenise"]
     per_user["total_rerank"] = per_user["prompts"] + per_user["score_candidates"]
-    return {"bf16": bf16, "pred_abs_diff_bf16_vs_fp32": float(np.concatenate(bf16_diff).mean()),
+    return {"bf16": bf16, "form": "merged, bf16 weights" if fast_model is not model else "as loaded",
+            "speedup_vs_peft_autocast": round(parts["score_candidates_peft_autocast"] / parts["score_candidates"], 2),
+            "pred_abs_diff_bf16_vs_fp32": float(np.concatenate(bf16_diff).mean()),
             "seconds_per_user": {k: round(v, 3) for k, v in per_user.items()},
             "tokens": {"prefix_mean": float(np.mean(tokens["prefix"])), "tail_mean": float(np.mean(tokens["tail"]))}}, scores
 

@@ -5,12 +5,13 @@
 For the default retriever's (item-kNN's) top `--candidates` of each user, seconds per user of `score.score_candidates` (shared user prefix, bf16
 autocast as `recommend` runs it) for the PEFT model as `load_adapter` gives it (the baseline) and for other forms of it: the
 adapter merged into the weights, merged with the Linear weights stored in bf16 (autocast then has nothing to re-cast), the
-whole model in bf16; each as a ratio against the baseline measured in the same run, with how far its expected ratings are
+whole model in bf16 as it was tried first (its output head called on a non-contiguous slice) and as `score.reranking_model` builds
+it (what `recommend` runs on a CPU with bf16 kernels); each as a ratio against the baseline measured in the same run, with how far its expected ratings are
 from fp32's. Then Ollama (`--concurrency` slots) with the run's GGUF export as deployed (F16 base + adapter) against the
 merged F16, a merged BF16 and Ollama's Q8_0 of the merged model, and Ollama's fixed cost per request (a 3-token prompt).
 
 `--other RUN` adds another run's adapter on the same users and candidates, with the prompts of its own data (another prompt
-template, e.g. `hybrid_lean`): as PEFT and merged with Linear weights in bf16, against the same baseline, with the tokens of a
+template, e.g. `hybrid_lean`): as PEFT and as `reranking_model` builds it, against the same baseline, with the tokens of a
 candidate's own part (what the user prefix's cache cannot share) for both; with Ollama, its deployed export too.
 """
 import argparse
@@ -31,7 +32,7 @@ from movierec.model import load_adapter
 from movierec.prompts import prompts_for_user
 from movierec.recommend import RecommendConfig, _history, _retrieve_all, _test_start, evaluation_users, prepared_dataset, prompt_setting
 from movierec.retrieve import fit_retrievers
-from movierec.score import _common_prefix, _encode, score_candidates
+from movierec.score import _common_prefix, _encode, reranking_model, score_candidates
 
 
 def candidate_prompts(data, users: int, candidates: int) -> dict:
@@ -69,7 +70,8 @@ def torch_forms(model) -> dict:
     "The forms compared: name -> (model, autocast)."
     merged = copy.deepcopy(model).merge_and_unload()
     return {"peft (baseline)": (model, True), "merged": (merged, True), "merged, Linear weights bf16": (linear_bf16(merged), True),
-            "merged, all weights bf16": (copy.deepcopy(merged).to(torch.bfloat16), False)}
+            "merged, all weights bf16, head on a non-contiguous slice": (copy.deepcopy(merged).to(torch.bfloat16), False),
+            "reranking_model: merged, all weights bf16 (recommend's form)": (reranking_model(model, True), True)}
 
 
 def bench_torch(forms: dict, tok) -> list[dict]:
@@ -156,7 +158,7 @@ def main():
         other_prompts = {u: p for u, (_, p) in other_cands.items()}
         other_model = load_adapter(other.adapter)[0]
         forms["other (peft)"] = (other_model, True, other_prompts)
-        forms["other, merged, Linear weights bf16"] = (linear_bf16(copy.deepcopy(other_model).merge_and_unload()), True, other_prompts)
+        forms["other, reranking_model"] = (reranking_model(other_model, True), True, other_prompts)
         result["tail_tokens"]["other"] = tail_tokens(tok, other_prompts)
     print(json.dumps(result))
     result["torch"] = bench_torch(forms, tok)

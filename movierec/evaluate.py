@@ -36,7 +36,8 @@ class EvaluateConfig(Knobs):
     eval_sample: Literal["auto"] | PositiveInt | None = knob("auto", "test ratings scored by every model; auto: 1000 on a CPU, all on a GPU; null: all")
     zero_shot: bool = knob(True, "also score the base model without the adapter")
     score_bf16: Literal["auto"] | bool = knob("auto", "bf16 for the language-model scores no Ollama row is compared with (the zero-shot "
-                                              "row, re-ranking); auto: on CUDA GPUs and CPUs with bf16 kernels. The LoRA row stays fp32 on a CPU")
+                                              "row, re-ranking: on a CPU a merged bf16 copy of the model); auto: on CUDA GPUs and CPUs with "
+                                              "bf16 kernels. The LoRA row stays fp32 on a CPU")
     blend: list[str] = knob(["lora", "svd"], "models whose predictions the `blend` row combines linearly (least squares on validation targets); none: no blend row")
     blend_sample: Literal["auto"] | PositiveInt | None = knob("auto", "validation targets the blend is fitted on; auto: as many as eval_sample, at most 300, on a CPU, all on a GPU; null: all")
     bootstrap_resamples: int = knob(2000, "resamples of the paired bootstrap behind every interval (confidence 0.95)", ge=100)

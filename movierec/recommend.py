@@ -22,7 +22,7 @@ from .explain import reasons
 from .classic import CLASSIC_FILE, load_classic
 from .prompts import DEFAULT_TEMPLATE, load_prepared, prepared_knobs, prompt_context, prompts_for_user
 from .retrieve import RETRIEVERS, fit_retrievers, rank_unseen
-from .score import fast_bf16, score_candidates
+from .score import fast_bf16, reranking_model, score_candidates
 
 log = get_logger(__name__)
 
@@ -44,7 +44,8 @@ class RecommendConfig(Knobs):
         "fused", "the language model's ranking score: expected rating, liked = P(rating >= 4), fused = liked's order and the "
         "retriever's, reciprocal-rank fused, or enjoy = P(Yes) of the second task (an adapter trained with enjoy_examples)")
     score_bf16: Literal["auto"] | bool = knob("auto", "bf16 for the language-model scores no Ollama row is compared with (the zero-shot "
-                                              "row, re-ranking); auto: on CUDA GPUs and CPUs with bf16 kernels. The LoRA row stays fp32 on a CPU")
+                                              "row, re-ranking: on a CPU a merged bf16 copy of the model); auto: on CUDA GPUs and CPUs with "
+                                              "bf16 kernels. The LoRA row stays fp32 on a CPU")
     reasons: int = knob(3, "similar movies the user liked named per recommendation", ge=0)
     neighbours: int = knob(100, "itemknn: neighbours kept per movie", ge=1)
     factors: int = knob(64, "als and bpr: latent factors", ge=1)
@@ -344,13 +345,15 @@ def ranking_metrics(cfg: RecommendConfig, data_dir: str | Path, model=None, toke
     w, fitted = fit_retrievers(_history(ratings, True), ml.movies.movie_id, names, cfg.neighbours, cfg.factors, cfg.seed)
     fit_seconds = time.perf_counter() - t0
     rows, index = w.rows(users), w.user_index(users)
+    bf16 = model is not None and fast_bf16(model, cfg.score_bf16)
+    if model is not None: model = reranking_model(model, bf16)   # a merged bf16 copy on a CPU: the caller's model scores other rows
     lm = _lm_fn(model, tokenizer, ml, ratings, template, starts, batch_size, prompt_setting(data_dir, ml, ratings, template) if model else None,
                 enjoy, cfg.score_bf16)
     rankings, seconds = _rankings(cfg, fitted, w, rows, index, users, name, lm, progress, enjoy)
     full, per_user = _table(rankings, relevant, catalogue, resamples, cfg.seed)
     out = {"protocol": "each user's liked test movies (rating >= 4) ranked among every movie they had not rated before their test period",
            "users": len(users), "relevant_per_user": float(np.mean([len(v) for v in relevant.values()])),
-           "rerank_n": cfg.rerank_n, "rerank_bf16": model is not None and fast_bf16(model, cfg.score_bf16), "models": full,
+           "rerank_n": cfg.rerank_n, "rerank_bf16": bf16, "models": full,
            "seconds": {"fit_retrievers": round(fit_seconds, 2), "retrieve_per_user": seconds["retrieve"] / len(users),
                        "rerank_per_user": seconds["rerank"] / len(users), "candidates_per_user": seconds["candidates"] / len(users)}}
     parts = [per_user]

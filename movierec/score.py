@@ -21,7 +21,8 @@ from .prompts import ENJOY_PREFIX, RATING_PREFIX
 
 # %% auto #0
 __all__ = ['RATING_TOKENS', 'RATING_VALUES', 'rating_distribution', 'expected_rating', 'distribution_from_top_logprobs',
-           'fast_bf16', 'process_share', 'join_processes', 'score_prompts', 'score_candidates', 'LMPredictor']
+           'fast_bf16', 'process_share', 'join_processes', 'score_prompts', 'score_candidates', 'reranking_model',
+           'LMPredictor']
 
 # %% ../nbs/05_score.ipynb #e0dac7de
 RATING_TOKENS = ("1", "2", "3", "4", "5")
@@ -232,6 +233,24 @@ def score_candidates(model, tokenizer, prompts: Sequence[str], batch_size: int =
                     logits = _run_suffix(model, tail_cache, suffix, mask, pos[:, -1:], dev)
                 scores[k][batch] = logits[:, ids].float().cpu().numpy()
     return pd.concat([frame(_gather_rows(sc, mine, world) if world > 1 else sc) for (_, _, frame), sc in zip(specs, scores)], axis=1)
+
+# %% ../nbs/05_score.ipynb #56b6db5c
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+def reranking_model(model, bf16: bool, inplace: bool = False):
+    """`model` as re-ranking runs it fastest: on a CPU with `bf16`, the adapter merged and every weight in bf16 (a copy unless
+    `inplace`); otherwise `model` itself. Never for the rows compared with Ollama: those score the model as trained."""
+    import torch
+    if not bf16 or _device(model).type != "cpu": return model
+    if not inplace: model = copy.deepcopy(model)
+    if hasattr(model, "merge_and_unload"): model = model.merge_and_unload()
+    model = model.to(torch.bfloat16)
+    # with bf16 weights, a linear of the non-contiguous last position that `logits_to_keep=1` slices out falls back to a
+    # batched matmul that copies the whole output head for every row (1.2 s a batch of 16 with SmolLM2's 49,152 x 576 head)
+    head = model.get_output_embeddings()
+    if head is not None and not head._forward_pre_hooks: head.register_forward_pre_hook(_contiguous_input)
+    return model
 
 # %% ../nbs/05_score.ipynb #4d87e353
 class LMPredictor:

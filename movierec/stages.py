@@ -183,5 +183,7 @@ def recommend_for(p: Params, data_dir: str | Path, adapter_dir: str | Path | Non
     if p.recommend.rerank_by == "enjoy" and "enjoy" not in (adapter_tasks(adapter_dir) if adapter_dir else []):
         raise MovierecError(f"rerank_by enjoy needs an adapter trained on the second task (train with enjoy_examples > 0); "
                             f"{adapter_dir or 'the base model'} learned ratings only. Use rerank_by expected, liked or fused.")
+    from movierec.score import fast_bf16, reranking_model
     model, tokenizer = load_adapter(adapter_dir) if adapter_dir else load_base(p.train.base_model)
+    model = reranking_model(model, fast_bf16(model, p.recommend.score_bf16), inplace=True)   # loaded for re-ranking only
     return recommend(p.recommend, Path(data_dir), model, tokenizer, user_id=user_id, likes=likes)

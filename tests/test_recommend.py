@@ -171,9 +171,14 @@ def test_an_oracle_reranker_lifts_ndcg_and_keeps_each_list_a_ranking(ml100k_prep
 def test_ranking_metrics_with_a_model_gives_every_table(ml100k_prepared):
     from movierec.core import use_bf16
     from movierec.model import smollm2_tokenizer, tiny_llama
+    import torch
+    from peft import LoraConfig, get_peft_model
     tok = smollm2_tokenizer()
     cfg = RecommendConfig(ranking_users=12, rerank_n=8, sampled_users=3, ranking_negatives=9, cold_start_users=3, seed=0)
-    rk = ranking_metrics(cfg, ml100k_prepared, tiny_llama(tok), tok, name="lm", progress=False, resamples=200)
+    model = get_peft_model(tiny_llama(tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    rk = ranking_metrics(cfg, ml100k_prepared, model, tok, name="lm", progress=False, resamples=200)
+    # re-ranking ran on its own merged bf16 copy (on a bf16 CPU): the caller's model, which scores the rating rows, is as it was
+    assert any("lora_A" in n for n, _ in model.named_parameters()) and {p.dtype for p in model.parameters()} == {torch.float32}
     full = [r["model"] for r in rk["models"]]
     assert full == ["popularity", "itemknn", "als", "bpr", "itemknn+lm", "itemknn+lm_liked", "itemknn+lm_fused"]
     assert [r["model"] for r in rk["cold_start"]["models"]] == ["popularity", "itemknn", "als", "itemknn+lm", "itemknn+lm_liked", "itemknn+lm_fused"]
