@@ -99,7 +99,7 @@ def bench_torch(model, tok, ml, ratings, template, users, tops, starts, ctx, enj
     per_user["score_prompts_unshared"] = parts["score_prompts_unshared"] / min(2, len(users))
     per_user["candidates_forward"] = per_user["score_candidates"] - per_user["prefix_forward"] - per_user["tokenise"]
     per_user["total_rerank"] = per_user["prompts"] + per_user["score_candidates"]
-    return {"bf16": bf16, "form": "merged, bf16 weights" if fast_model is not model else "as loaded",
+    return {"bf16": bf16, "form": "reranking_model (merged, bf16 weights, fp32 head)" if fast_model is not model else "as loaded",
             "speedup_vs_peft_autocast": round(parts["score_candidates_peft_autocast"] / parts["score_candidates"], 2),
             "pred_abs_diff_bf16_vs_fp32": float(np.concatenate(bf16_diff).mean()),
             "seconds_per_user": {k: round(v, 3) for k, v in per_user.items()},

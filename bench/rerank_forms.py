@@ -5,8 +5,8 @@
 For the default retriever's (item-kNN's) top `--candidates` of each user, seconds per user of `score.score_candidates` (shared user prefix, bf16
 autocast as `recommend` runs it) for the PEFT model as `load_adapter` gives it (the baseline) and for other forms of it: the
 adapter merged into the weights, merged with the Linear weights stored in bf16 (autocast then has nothing to re-cast), the
-whole model in bf16 as it was tried first (its output head called on a non-contiguous slice) and as `score.reranking_model` builds
-it (what `recommend` runs on a CPU with bf16 kernels); each as a ratio against the baseline measured in the same run, with how far its expected ratings are
+whole model in bf16 as it was tried first (its output head called on a non-contiguous slice), and `score.reranking_model`'s form
+(merged, bf16 weights, an fp32 head on 2-D inputs: what `recommend` runs on a CPU with bf16 kernels); each as a ratio against the baseline measured in the same run, with how far its expected ratings are
 from fp32's. Then Ollama (`--concurrency` slots) with the run's GGUF export as deployed (F16 base + adapter) against the
 merged F16, a merged BF16 and Ollama's Q8_0 of the merged model, and Ollama's fixed cost per request (a 3-token prompt).
 
@@ -71,7 +71,7 @@ def torch_forms(model) -> dict:
     merged = copy.deepcopy(model).merge_and_unload()
     return {"peft (baseline)": (model, True), "merged": (merged, True), "merged, Linear weights bf16": (linear_bf16(merged), True),
             "merged, all weights bf16, head on a non-contiguous slice": (copy.deepcopy(merged).to(torch.bfloat16), False),
-            "reranking_model: merged, all weights bf16 (recommend's form)": (reranking_model(model, True), True)}
+            "reranking_model: merged, bf16 weights, fp32 head (recommend's form)": (reranking_model(model, True), True)}
 
 
 def bench_torch(forms: dict, tok) -> list[dict]:
